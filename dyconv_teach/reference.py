@@ -1,0 +1,109 @@
+"""Slow, obviously correct dynamic convolutions, and the mistakes people make.
+
+The tests compare :func:`dyconv_teach.functional.dynamic_conv2d` against the
+first two; the book runs the last two to show their real failures. All take the
+arguments of :func:`~dyconv_teach.functional.dynamic_conv2d`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .functional import IntPair, Padding
+
+__all__ = ["per_sample_conv2d", "kernel_sum_conv2d", "naive_conv2d", "seed_dynamic_conv2d"]
+
+
+def per_sample_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    attention: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """Loop over the batch: build sample b's kernel, run one ordinary ``F.conv2d``."""
+    outs = []
+    for b in range(x.shape[0]):
+        w_b = torch.einsum("k,koihw->oihw", attention[b], weight)
+        b_b = None if bias is None else attention[b] @ bias
+        outs.append(F.conv2d(x[b : b + 1], w_b, b_b, stride, padding, dilation, groups))
+    return torch.cat(outs)
+
+
+def kernel_sum_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    attention: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """Run K static convolutions and mix their outputs: by linearity of
+    convolution, ``sum_k pi_k (W_k * x) = (sum_k pi_k W_k) * x``."""
+    out = 0
+    for k in range(weight.shape[0]):
+        b_k = None if bias is None else bias[k]
+        out = out + attention[:, k, None, None, None] * F.conv2d(x, weight[k], b_k, stride, padding, dilation, groups)
+    return out  # type: ignore[return-value]
+
+
+def naive_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    attention: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """The first thing everyone tries: aggregate to ``[B, O, C/g, kH, kW]`` and
+    hand that 5-D weight to ``F.conv2d``. Torch rejects it; the book shows how."""
+    K = weight.shape[0]
+    aggregate = torch.mm(attention, weight.reshape(K, -1)).reshape(x.shape[0], *weight.shape[1:])
+    aggregate_bias = None if bias is None else torch.mm(attention, bias)
+    return F.conv2d(x, aggregate, aggregate_bias, stride, padding, dilation, groups)
+
+
+def seed_dynamic_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    attention: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """The forward pass of the second seed blog post, line for line.
+
+    Its aggregated weight is reshaped with ``.view(out_planes, -1, k, k)``. For
+    B = 1 that is ``[O, C/g, k, k]`` and correct; for B > 1 the B kernel sets
+    land in the *input*-channel axis, ``[O, B*C/g, k, k]``, instead of the
+    output-channel axis ``[B*O, C/g, k, k]``, and ``F.conv2d`` fails.
+    (The correct line is ``.view(-1, in_planes // groups, k, k)``.)
+    """
+    K, out_planes = weight.shape[:2]
+    kernel_size = weight.shape[-1]
+    batch_size, in_planes, height, width = x.size()
+    x = x.view(1, -1, height, width)
+    weight = weight.view(K, -1)
+    aggregate_weight = torch.mm(attention, weight).view(out_planes, -1, kernel_size, kernel_size)
+    if bias is not None:
+        aggregate_bias = torch.mm(attention, bias).view(-1)
+        output = F.conv2d(x, weight=aggregate_weight, bias=aggregate_bias, stride=stride, padding=padding,
+                          dilation=dilation, groups=groups * batch_size)
+    else:
+        output = F.conv2d(x, weight=aggregate_weight, bias=None, stride=stride, padding=padding,
+                          dilation=dilation, groups=groups * batch_size)
+    output = output.view(batch_size, out_planes, output.size(-2), output.size(-1))
+    return output

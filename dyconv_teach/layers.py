@@ -15,9 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.utils import _pair
 
-from .functional import IntPair, Padding, check_conv_args, dynamic_conv2d
+from .functional import IntPair, Padding, _check_positive_int, _pair_arg, check_conv_args, dynamic_conv2d
 
 __all__ = ["DynamicConv2d", "set_temperature", "linear_temperature"]
 
@@ -80,21 +79,16 @@ class DynamicConv2d(nn.Module):
     ) -> None:
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(num_kernels, int) or num_kernels < 1:
-            raise ValueError(f"num_kernels (K) must be an int >= 1, got {num_kernels!r}")
-        if not isinstance(reduction, int) or reduction < 1:
-            raise ValueError(f"reduction must be an int >= 1, got {reduction!r}")
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("out_channels", out_channels)
+        _check_positive_int("num_kernels (K)", num_kernels)
+        _check_positive_int("reduction", reduction)
         if routing not in ("softmax", "sigmoid"):
             raise ValueError(f"routing must be 'softmax' or 'sigmoid', got {routing!r}")
         self.stride, self.padding, self.dilation = check_conv_args(
             in_channels, out_channels, groups, stride, padding, dilation
         )
-        self.kernel_size: Tuple[int, int] = _pair(kernel_size)
-        if min(self.kernel_size) < 1:
-            raise ValueError(f"kernel_size must be >= 1, got {kernel_size!r}")
+        self.kernel_size: Tuple[int, int] = _pair_arg("kernel_size", kernel_size, 1)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.groups = groups
@@ -124,6 +118,15 @@ class DynamicConv2d(nn.Module):
             raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
         self._temperature = float(value)
 
+    def get_extra_state(self) -> dict[str, float]:
+        """Save ``temperature`` in the ``state_dict``: it is annealed during training,
+        so a checkpoint loaded into a fresh layer must bring it back."""
+        return {"temperature": self.temperature}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        """Restore the ``temperature`` saved by :meth:`get_extra_state`."""
+        self.temperature = state["temperature"]
+
     def reset_parameters(self) -> None:
         """Initialise each of the K kernels (and biases) exactly as ``nn.Conv2d`` does."""
         fan_in = self.weight.shape[2] * self.kernel_size[0] * self.kernel_size[1]
@@ -145,7 +148,9 @@ class DynamicConv2d(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"DynamicConv2d expects 4-D input [B, C, H, W], got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"DynamicConv2d expects in_channels={self.in_channels}, got input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"DynamicConv2d expects in_channels={self.in_channels}, got input of shape {tuple(x.shape)}"
+            )
         if x.dtype != self.weight.dtype or x.device != self.weight.device:
             raise TypeError(
                 f"input is {x.dtype} on {x.device} but the layer is {self.weight.dtype} on {self.weight.device}"

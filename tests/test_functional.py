@@ -1,0 +1,346 @@
+"""Tests of :func:`dyconv_teach.functional.dynamic_conv2d`: equality with the slow
+references over random configurations, gradients, batch independence, and the
+errors it raises before torch does."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dyconv_teach.functional import IntPair, Padding, dynamic_conv2d
+from dyconv_teach.reference import kernel_sum_conv2d, per_sample_conv2d
+
+# float32 sums of a few hundred products in a different order: a few ulps of outputs of size ~10.
+TOLERANCE = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration of dynamic_conv2d: shapes, conv hyper-parameters, layout and dtype."""
+
+    B: int
+    K: int
+    C: int
+    O: int
+    groups: int
+    kernel: Tuple[int, int]
+    H: int
+    W: int
+    stride: IntPair
+    padding: Padding
+    dilation: IntPair
+    bias: bool
+    channels_last: bool
+    dtype: torch.dtype
+
+    def __str__(self) -> str:
+        return (
+            f"B{self.B}-K{self.K}-C{self.C}-O{self.O}-g{self.groups}-k{self.kernel}-{self.H}x{self.W}"
+            f"-s{self.stride}-p{self.padding}-d{self.dilation}-bias{int(self.bias)}"
+            f"-{'cl' if self.channels_last else 'cf'}-{str(self.dtype)[6:]}"
+        )
+
+
+def random_cases(n: int, seed: int) -> list[Case]:
+    """Draw ``n`` valid configurations (output at least 1x1) from a seeded generator."""
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        kind = rng.choice(["plain", "grouped", "depthwise"])
+        if kind == "plain":
+            groups, C, O = 1, rng.randint(1, 5), rng.randint(1, 6)
+        elif kind == "grouped":
+            groups, C, O = 2, 2 * rng.randint(1, 3), 2 * rng.randint(1, 3)
+        else:
+            C = rng.randint(2, 4)
+            groups, O = C, C * rng.randint(1, 2)
+        kernel = (rng.randint(1, 4), rng.randint(1, 4))
+        dilation = rng.choice([1, 1, 2, (1, 2)])
+        padding = rng.choice([0, 1, (1, 2), "same", "valid"])
+        stride = 1 if padding == "same" else rng.choice([1, 2, (2, 1), 3])
+        d = (dilation, dilation) if isinstance(dilation, int) else dilation
+        # The smallest input the dilated kernel fits in without padding, plus a random margin.
+        H = d[0] * (kernel[0] - 1) + 1 + rng.randint(0, 5)
+        W = d[1] * (kernel[1] - 1) + 1 + rng.randint(0, 5)
+        cases.append(
+            Case(
+                # Batches above 8 also cover a core that convolves the batch in slices.
+                B=rng.choice([1, 1, 2, 3, 5, 9, 17]),
+                K=rng.choice([1, 2, 4]),
+                C=C,
+                O=O,
+                groups=groups,
+                kernel=kernel,
+                H=H,
+                W=W,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                bias=rng.random() < 0.5,
+                channels_last=rng.random() < 0.5,
+                dtype=rng.choice([torch.float32, torch.float64]),
+            )
+        )
+    return cases
+
+
+CASES = random_cases(48, seed=2020)
+
+
+def make_tensors(case: Case, seed: int) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Random ``x, weight, attention, bias`` for ``case``; attention is any real [B, K]
+    (the identity is linear in it, so it need not be a softmax)."""
+    gen = torch.Generator().manual_seed(seed)
+    kw: dict[str, Any] = {"generator": gen, "dtype": case.dtype}
+    x = torch.randn(case.B, case.C, case.H, case.W, **kw)
+    if case.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(case.K, case.O, case.C // case.groups, *case.kernel, **kw)
+    attention = torch.randn(case.B, case.K, **kw)
+    bias = torch.randn(case.K, case.O, **kw) if case.bias else None
+    return x, weight, attention, bias
+
+
+def conv_kwargs(case: Case) -> dict[str, Any]:
+    """The stride, padding, dilation and groups of ``case`` as keyword arguments."""
+    return {"stride": case.stride, "padding": case.padding, "dilation": case.dilation, "groups": case.groups}
+
+
+def test_cases_cover_every_feature() -> None:
+    """The random draw really contains every feature the equality test is meant to cover."""
+    assert any(c.B == 1 for c in CASES) and any(1 < c.B <= 8 for c in CASES) and any(c.B > 16 for c in CASES)
+    assert any(c.K == 1 for c in CASES) and any(c.K > 1 for c in CASES)
+    assert any(c.groups == 2 and c.C > 2 for c in CASES)
+    assert any(c.groups == c.C > 1 for c in CASES)
+    assert any(isinstance(c.stride, tuple) for c in CASES) and any(c.stride == 2 for c in CASES)
+    assert any(c.padding == "same" for c in CASES) and any(c.padding == "valid" for c in CASES)
+    assert any(isinstance(c.padding, tuple) for c in CASES) and any(c.padding == 1 for c in CASES)
+    assert any(c.dilation != 1 for c in CASES)
+    assert any(c.bias for c in CASES) and any(not c.bias for c in CASES)
+    assert any(c.kernel[0] != c.kernel[1] for c in CASES)
+    assert any(c.channels_last for c in CASES)
+    assert {c.dtype for c in CASES} == {torch.float32, torch.float64}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
+@pytest.mark.parametrize("index, case", list(enumerate(CASES)), ids=[str(c) for c in CASES])
+def test_matches_both_references(index: int, case: Case) -> None:
+    x, weight, attention, bias = make_tensors(case, seed=index)
+    out = dynamic_conv2d(x, weight, attention, bias, **conv_kwargs(case))
+    expected = per_sample_conv2d(x, weight, attention, bias, **conv_kwargs(case))
+    assert out.shape == expected.shape and out.dtype == case.dtype
+    torch.testing.assert_close(out, expected, **TOLERANCE[case.dtype])
+    expected = kernel_sum_conv2d(x, weight, attention, bias, **conv_kwargs(case))
+    torch.testing.assert_close(out, expected, **TOLERANCE[case.dtype])
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_batch_of_one_is_a_plain_conv_with_the_mixed_kernel(groups: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 7, 7, generator=gen, dtype=torch.float64)
+    weight = torch.randn(3, 6, 4 // groups, 3, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    pi = torch.softmax(torch.randn(1, 3, generator=gen, dtype=torch.float64), dim=1)
+    mixed_weight = sum(pi[0, k] * weight[k] for k in range(3))
+    mixed_bias = sum(pi[0, k] * bias[k] for k in range(3))
+    expected = F.conv2d(x, mixed_weight, mixed_bias, stride=2, padding=1, groups=groups)
+    out = dynamic_conv2d(x, weight, pi, bias, stride=2, padding=1, groups=groups)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+GRADCHECK_CASES = [
+    # B, C, O, K, groups, kernel, H, W, conv kwargs, bias
+    (2, 4, 4, 3, 2, (3, 3), 5, 5, {"stride": 2, "padding": 1}, True),
+    (3, 3, 6, 2, 3, (2, 3), 5, 4, {"padding": "same", "dilation": (2, 1)}, True),
+    (2, 2, 3, 2, 1, (3, 1), 6, 4, {"stride": (2, 1), "padding": (1, 0)}, False),
+    (9, 2, 2, 2, 1, (3, 3), 4, 4, {"padding": 1}, True),  # a batch above 8, in case the core slices it
+]
+
+
+@pytest.mark.parametrize("B, C, O, K, groups, kernel, H, W, conv, has_bias", GRADCHECK_CASES)
+def test_gradcheck(
+    B: int, C: int, O: int, K: int, groups: int, kernel: Tuple[int, int], H: int, W: int, conv: dict, has_bias: bool
+) -> None:
+    gen = torch.Generator().manual_seed(3)
+    kw: dict[str, Any] = {"generator": gen, "dtype": torch.float64}
+    x = torch.randn(B, C, H, W, **kw).requires_grad_()
+    weight = torch.randn(K, O, C // groups, *kernel, **kw).requires_grad_()
+    attention = torch.randn(B, K, **kw).requires_grad_()
+    bias = torch.randn(K, O, **kw).requires_grad_() if has_bias else None
+
+    def f(x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return dynamic_conv2d(x, weight, attention, bias, groups=groups, **conv)
+
+    assert torch.autograd.gradcheck(f, (x, weight, attention, bias))
+
+
+def test_batch_independence() -> None:
+    """Sample i's output never depends on sample j's input or attention row."""
+    B = 10
+    gen = torch.Generator().manual_seed(5)
+    kw: dict[str, Any] = {"generator": gen, "dtype": torch.float64}
+    x = torch.randn(B, 4, 6, 6, **kw)
+    weight = torch.randn(3, 6, 2, 3, 3, **kw)
+    attention = torch.randn(B, 3, **kw)
+    bias = torch.randn(3, 6, **kw)
+    conv = {"stride": 2, "padding": 1, "groups": 2}
+    out = dynamic_conv2d(x, weight, attention, bias, **conv)
+    for j in range(B):
+        x2, attention2 = x.clone(), attention.clone()
+        x2[j] = torch.randn(x[j].shape, **kw)
+        attention2[j] = torch.randn(attention[j].shape, **kw)
+        out2 = dynamic_conv2d(x2, weight, attention2, bias, **conv)
+        assert not torch.allclose(out2[j], out[j])  # the change is visible where it belongs...
+        others = [i for i in range(B) if i != j]
+        torch.testing.assert_close(out2[others], out[others], rtol=0, atol=0)  # ...and nowhere else
+
+
+def test_batch_independence_of_gradients() -> None:
+    """d out[i] / d x[j] and d out[i] / d attention[j] are exactly zero for j != i."""
+    B = 10
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(B, 2, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 4, 2, 3, 3, generator=gen, dtype=torch.float64)
+    attention = torch.randn(B, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = dynamic_conv2d(x, weight, attention, padding=1)
+    for i in range(B):
+        grad_x, grad_attention = torch.autograd.grad(out[i].sum(), (x, attention), retain_graph=True)
+        for j in range(B):
+            if j == i:
+                assert grad_x[j].abs().sum() > 0 and grad_attention[j].abs().sum() > 0
+            else:
+                assert torch.count_nonzero(grad_x[j]) == 0 and torch.count_nonzero(grad_attention[j]) == 0
+
+
+def valid_args() -> dict[str, Any]:
+    """Arguments that dynamic_conv2d accepts: B=2, C=4, O=6, K=3, groups=2."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "x": torch.randn(2, 4, 6, 6, generator=gen),
+        "weight": torch.randn(3, 6, 2, 3, 3, generator=gen),
+        "attention": torch.softmax(torch.randn(2, 3, generator=gen), dim=1),
+        "bias": torch.randn(3, 6, generator=gen),
+        "groups": 2,
+    }
+
+
+def test_valid_args_are_valid() -> None:
+    """The base of the error cases below runs, so each error comes from the one change."""
+    assert dynamic_conv2d(**valid_args()).shape == (2, 6, 4, 4)
+
+
+# name: (change to valid_args(), error type, regex of our message)
+BAD_ARGS: dict[str, Tuple[dict[str, Any], type, str]] = {
+    "3-D input": ({"x": torch.randn(4, 6, 6)}, ValueError, r"x must be 4-D \[B, C, H, W\], got 3-D"),
+    "empty batch": (
+        {"x": torch.randn(0, 4, 6, 6), "attention": torch.randn(0, 3)},
+        ValueError,
+        r"x must hold at least one sample \(B >= 1\), got shape \(0, 4, 6, 6\)",
+    ),
+    "4-D weight": (
+        {"weight": torch.randn(6, 2, 3, 3)},
+        ValueError,
+        r"weight must be 5-D \[K, O, C/groups, kH, kW\], got 4-D",
+    ),
+    "channel mismatch": ({"x": torch.randn(2, 5, 6, 6)}, ValueError, r"x has C=5 channels .* expects C = 2 \* 2 = 4"),
+    "groups not dividing O": (
+        {"weight": torch.randn(3, 5, 2, 3, 3), "bias": None},
+        ValueError,
+        r"groups=2 must divide out_channels O=5",
+    ),
+    "groups 0": ({"groups": 0}, ValueError, r"groups must be a positive int, got 0"),
+    "groups float": ({"groups": 2.0}, ValueError, r"groups must be a positive int, got 2\.0"),
+    "K = 0": (
+        {"weight": torch.randn(0, 6, 2, 3, 3), "attention": torch.randn(2, 0), "bias": None},
+        ValueError,
+        r"weight holds K=0 kernels; need K >= 1",
+    ),
+    "attention [B, K+1]": (
+        {"attention": torch.randn(2, 4)},
+        ValueError,
+        r"attention must have shape \[B, K\] = \[2, 3\], got \(2, 4\)",
+    ),
+    "attention [K]": (
+        {"attention": torch.randn(3)},
+        ValueError,
+        r"attention must have shape \[B, K\] = \[2, 3\], got \(3,\)",
+    ),
+    "attention [B+1, K]": (
+        {"attention": torch.randn(3, 3)},
+        ValueError,
+        r"attention must have shape \[B, K\] = \[2, 3\], got \(3, 3\)",
+    ),
+    "bias [O]": ({"bias": torch.randn(6)}, ValueError, r"bias must have shape \[K, O\] = \[3, 6\], got \(6,\)"),
+    "bias [K, O+1]": (
+        {"bias": torch.randn(3, 7)},
+        ValueError,
+        r"bias must have shape \[K, O\] = \[3, 6\], got \(3, 7\)",
+    ),
+    "float64 weight": (
+        {"weight": torch.randn(3, 6, 2, 3, 3, dtype=torch.float64)},
+        TypeError,
+        r"weight has dtype torch.float64 but x has dtype torch.float32",
+    ),
+    "float64 attention": (
+        {"attention": torch.rand(2, 3, dtype=torch.float64)},
+        TypeError,
+        r"attention has dtype torch.float64 but x has dtype torch.float32",
+    ),
+    "float64 bias": (
+        {"bias": torch.randn(3, 6, dtype=torch.float64)},
+        TypeError,
+        r"bias has dtype torch.float64 but x has dtype torch.float32",
+    ),
+    "int x": (
+        {"x": torch.ones(2, 4, 6, 6, dtype=torch.int64)},
+        TypeError,
+        r"x must be a floating point tensor, got dtype torch.int64",
+    ),
+    "int weight": (
+        {"weight": torch.ones(3, 6, 2, 3, 3, dtype=torch.int32)},
+        TypeError,
+        r"weight must be a floating point tensor, got dtype torch.int32",
+    ),
+    "same with stride 2": (
+        {"padding": "same", "stride": 2},
+        ValueError,
+        r"padding='same' needs stride=1 .*got stride=2",
+    ),
+    "bad padding string": (
+        {"padding": "full"},
+        ValueError,
+        r"padding must be 'same', 'valid', an int or a pair, got 'full'",
+    ),
+    "negative padding": ({"padding": -1}, ValueError, r"padding must be >= 0, got -1"),
+    "negative padding pair": ({"padding": (1, -2)}, ValueError, r"padding must be >= 0, got \(1, -2\)"),
+    "stride 0": ({"stride": 0}, ValueError, r"stride must be >= 1, got 0"),
+    "stride float": ({"stride": 1.5}, ValueError, r"stride must be an int or a pair of ints, got 1\.5"),
+    "stride triple": ({"stride": (1, 1, 1)}, ValueError, r"stride must be an int or a pair of ints, got \(1, 1, 1\)"),
+    "dilation 0": ({"dilation": (1, 0)}, ValueError, r"dilation must be >= 1, got \(1, 0\)"),
+}
+
+
+@pytest.mark.parametrize("change, error, message", BAD_ARGS.values(), ids=BAD_ARGS.keys())
+def test_bad_arguments_raise_our_error(change: dict[str, Any], error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        dynamic_conv2d(**{**valid_args(), **change})
+
+
+@pytest.mark.parametrize("name", ["x", "weight", "attention", "bias"])
+def test_device_mismatch(name: str) -> None:
+    """A tensor on another device ('meta' stands in for a GPU) is named in the error."""
+    args = valid_args()
+    args[name] = args[name].to("meta")
+    # Tensors are compared with x, so when x moves the first other tensor is named.
+    if name == "x":
+        expected = "weight is on device cpu but x is on meta"
+    else:
+        expected = f"{name} is on device meta but x is on cpu"
+    with pytest.raises(ValueError, match=expected):
+        dynamic_conv2d(**args)

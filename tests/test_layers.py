@@ -1,0 +1,260 @@
+"""Tests of :mod:`dyconv_teach.layers`: the attention branch and its temperature,
+the layer against the slow reference, initialisation, state_dict, repr and errors."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from dyconv_teach.layers import DynamicConv2d, linear_temperature, set_temperature
+from dyconv_teach.reference import per_sample_conv2d
+
+
+def make_layer(seed: int = 0, **kwargs: Any) -> DynamicConv2d:
+    """A seeded ``DynamicConv2d(4, 6, 3, groups=2)``; ``kwargs`` override any argument."""
+    torch.manual_seed(seed)
+    args: dict[str, Any] = {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "groups": 2, **kwargs}
+    return DynamicConv2d(**args)
+
+
+def randn(*shape: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A seeded standard normal tensor, independent of the global RNG."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def entropy(p: Tensor) -> Tensor:
+    """Entropy of each row of ``p`` [B, K]."""
+    return -(p * p.log()).sum(dim=1)
+
+
+def test_softmax_attention_is_a_distribution() -> None:
+    layer = make_layer(temperature=1.0)
+    pi = layer.attention(randn(5, 4, 6, 6))
+    assert pi.shape == (5, 4)
+    assert ((pi > 0) & (pi < 1)).all()
+    torch.testing.assert_close(pi.sum(dim=1), torch.ones(5))
+
+
+def test_higher_temperature_flattens_softmax_attention() -> None:
+    layer = make_layer(dtype=torch.float64)
+    x = randn(5, 4, 6, 6, dtype=torch.float64)
+    attentions = []
+    for tau in [0.5, 1.0, 2.0, 5.0, 30.0]:
+        layer.temperature = tau
+        attentions.append(layer.attention(x))
+    for sharper, flatter in zip(attentions, attentions[1:]):
+        assert (entropy(flatter) > entropy(sharper)).all()
+        assert (flatter.max(dim=1).values < sharper.max(dim=1).values).all()
+    assert (entropy(attentions[-1]) < math.log(4)).all()  # never quite uniform
+
+
+def test_sigmoid_attention_gates_are_independent() -> None:
+    layer = make_layer(routing="sigmoid", temperature=1.0, dtype=torch.float64)
+    x = randn(5, 4, 6, 6, dtype=torch.float64)
+    pi = layer.attention(x)
+    assert ((pi > 0) & (pi < 1)).all()
+    assert not torch.allclose(pi.sum(dim=1), torch.ones(5, dtype=torch.float64))
+    layer.temperature = 10.0
+    assert ((layer.attention(x) - 0.5).abs() < (pi - 0.5).abs()).all()  # a higher tau pulls gates to 1/2
+
+
+def test_last_attention_is_recorded_detached_and_silently(capsys: pytest.CaptureFixture[str]) -> None:
+    layer = make_layer()
+    assert layer.last_attention is None
+    x = randn(3, 4, 6, 6)
+    layer(x)
+    assert layer.last_attention is not None
+    assert layer.last_attention.shape == (3, 4)
+    assert not layer.last_attention.requires_grad and layer.last_attention.grad_fn is None
+    torch.testing.assert_close(layer.last_attention, layer.attention(x).detach())
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), -float("inf"), True, "2", None])
+def test_temperature_setter_rejects_bad_values(bad: Any) -> None:
+    layer = make_layer(temperature=2.0)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got "):
+        layer.temperature = bad
+    assert layer.temperature == 2.0
+
+
+def test_set_temperature_sets_every_layer_and_counts_them() -> None:
+    model = nn.Sequential(make_layer(), nn.ReLU(), nn.Sequential(make_layer(in_channels=6)), nn.Conv2d(6, 2, 1))
+    assert set_temperature(model, 5) == 2
+    assert [m.temperature for m in model.modules() if isinstance(m, DynamicConv2d)] == [5.0, 5.0]
+    assert set_temperature(nn.Conv2d(3, 3, 3), 5.0) == 0
+    with pytest.raises(ValueError, match=r"got 0"):
+        set_temperature(model, 0)
+
+
+def test_linear_temperature_schedule() -> None:
+    assert linear_temperature(0) == 30.0
+    assert linear_temperature(10) == 1.0
+    assert linear_temperature(25) == 1.0
+    assert linear_temperature(-3) == 30.0
+    steps = [linear_temperature(e) for e in range(11)]
+    for a, b in zip(steps, steps[1:]):
+        assert b - a == pytest.approx(-2.9)
+    assert linear_temperature(2.5, start=10.0, end=2.0, anneal_epochs=5) == pytest.approx(6.0)
+    with pytest.raises(ValueError, match=r"anneal_epochs must be > 0, got 0"):
+        linear_temperature(1, anneal_epochs=0)
+
+
+LAYER_CONFIGS = [
+    {},
+    {"bias": False, "num_kernels": 1},
+    {"stride": 2, "padding": 1, "temperature": 1.0},
+    {"kernel_size": (3, 1), "padding": "same", "dilation": 2, "routing": "sigmoid"},
+    {"groups": 4, "out_channels": 8, "stride": (2, 1), "padding": (0, 1), "reduction": 1},
+]
+
+
+@pytest.mark.parametrize("config", LAYER_CONFIGS, ids=[str(c) for c in LAYER_CONFIGS])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_matches_per_sample_reference(config: dict[str, Any], channels_last: bool) -> None:
+    layer = make_layer(**config)
+    x = randn(3, 4, 7, 7)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = layer(x)
+    conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups}
+    expected = per_sample_conv2d(x, layer.weight, layer.attention(x), layer.bias, **conv)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_of_one_is_a_plain_conv_with_the_mixed_kernel() -> None:
+    layer = make_layer(padding=1, temperature=1.0)
+    x = randn(1, 4, 7, 7)
+    pi = layer.attention(x)[0]
+    weight = sum(pi[k] * layer.weight[k] for k in range(layer.num_kernels))
+    bias = sum(pi[k] * layer.bias[k] for k in range(layer.num_kernels))
+    torch.testing.assert_close(layer(x), F.conv2d(x, weight, bias, padding=1, groups=2), rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip_keeps_outputs_and_temperature() -> None:
+    layer = make_layer(seed=0)
+    layer.temperature = 2.5  # as after some epochs of annealing
+    x = randn(3, 4, 6, 6)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = make_layer(seed=1)
+    assert not torch.allclose(fresh(x), layer(x))
+    fresh.load_state_dict(torch.load(buffer))
+    assert fresh.temperature == 2.5
+    assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_each_kernel_is_initialised_like_conv2d(groups: int) -> None:
+    torch.manual_seed(0)
+    layer = DynamicConv2d(8, 16, 3, groups=groups, num_kernels=4)
+    conv = nn.Conv2d(8, 16, 3, groups=groups)
+    # kaiming_uniform_(a=sqrt(5)) draws from U(-b, b) with b = sqrt(6 / ((1 + 5) * fan_in)) = 1 / sqrt(fan_in).
+    bound = 1 / math.sqrt(8 // groups * 3 * 3)
+    assert conv.weight.abs().max() <= bound and conv.bias.abs().max() <= bound
+    for k in range(4):
+        w, b = layer.weight[k].detach(), layer.bias[k].detach()
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound  # the whole range, not a narrower one
+        assert b.abs().max() <= bound
+        assert abs(w.std() / conv.weight.std() - 1) < 0.15
+        assert abs(w.std() - bound / math.sqrt(3)) < 0.15 * bound / math.sqrt(3)
+    assert not torch.equal(layer.weight[0], layer.weight[1])  # K independent draws, not one copied
+
+
+def test_dtype_and_device_arguments() -> None:
+    layer = DynamicConv2d(3, 4, 3, dtype=torch.float64)
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    assert layer(randn(2, 3, 5, 5, dtype=torch.float64)).dtype == torch.float64
+    meta = DynamicConv2d(3, 4, 3, padding=1, device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    assert meta(torch.empty(2, 3, 5, 5, device="meta")).shape == (2, 4, 5, 5)
+
+
+CONV_ARGS = [
+    ((3, 16, 3), {}),
+    ((3, 16, (3, 5)), {"stride": 2, "padding": 1}),
+    ((4, 8, 3), {"padding": "same", "dilation": 2, "groups": 2, "bias": False}),
+    ((4, 8, 1), {"stride": (2, 1), "padding": (1, 2), "groups": 4}),
+]
+
+
+@pytest.mark.parametrize("args, kwargs", CONV_ARGS)
+def test_extra_repr_mirrors_conv2d(args: tuple, kwargs: dict[str, Any]) -> None:
+    ours = DynamicConv2d(*args, **kwargs).extra_repr()
+    assert ours == nn.Conv2d(*args, **kwargs).extra_repr() + ", num_kernels=4, temperature=30.0"
+
+
+def test_extra_repr_shows_non_default_arguments_only() -> None:
+    assert repr(nn.Conv2d(3, 16, 3)) == "Conv2d(3, 16, kernel_size=(3, 3), stride=(1, 1))"
+    default = "3, 16, kernel_size=(3, 3), stride=(1, 1), num_kernels=4, temperature=30.0"
+    assert DynamicConv2d(3, 16, 3).extra_repr() == default
+    layer = DynamicConv2d(3, 16, 3, num_kernels=2, reduction=2, temperature=1, routing="sigmoid")
+    assert layer.extra_repr() == (
+        "3, 16, kernel_size=(3, 3), stride=(1, 1), num_kernels=2, reduction=2, temperature=1.0, routing=sigmoid"
+    )
+
+
+def test_works_inside_sequential_with_backward() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        DynamicConv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        DynamicConv2d(8, 4, 3, stride=2, groups=2, temperature=1.0),
+    )
+    out = model(randn(4, 3, 8, 8))
+    assert out.shape == (4, 4, 3, 3)
+    out.square().mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    # The kernel banks and, through pi, the attention branch learn. (fc1 may get exactly 0
+    # when every ReLU unit of its tiny hidden layer is off for this batch.)
+    for name in ["0.weight", "0.bias", "0.fc2.bias", "3.weight", "3.bias", "3.fc2.bias"]:
+        assert grads[name].abs().sum() > 0, name
+
+
+BAD_LAYER_ARGS = [
+    ({"num_kernels": 0}, r"num_kernels \(K\) must be a positive int, got 0"),
+    ({"temperature": 0}, r"temperature must be a finite number > 0, got 0"),
+    ({"temperature": -1.0}, r"temperature must be a finite number > 0, got -1\.0"),
+    ({"routing": "foo"}, r"routing must be 'softmax' or 'sigmoid', got 'foo'"),
+    ({"reduction": 0}, r"reduction must be a positive int, got 0"),
+    ({"in_channels": 0}, r"in_channels must be a positive int, got 0"),
+    ({"out_channels": True}, r"out_channels must be a positive int, got True"),
+    ({"groups": 3, "out_channels": 6}, r"groups=3 must divide in_channels=4"),
+    ({"out_channels": 5}, r"groups=2 must divide out_channels=5"),
+    ({"padding": "same", "stride": 2}, r"padding='same' needs stride=1 .*got stride=2"),
+    ({"padding": "full"}, r"padding must be 'same', 'valid', an int or a pair, got 'full'"),
+    ({"padding": -1}, r"padding must be >= 0, got -1"),
+    ({"stride": 0}, r"stride must be >= 1, got 0"),
+    ({"kernel_size": 0}, r"kernel_size must be >= 1, got 0"),
+    ({"kernel_size": 1.5}, r"kernel_size must be an int or a pair of ints, got 1\.5"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_LAYER_ARGS, ids=[str(c) for c, _ in BAD_LAYER_ARGS])
+def test_bad_constructor_arguments_raise(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_layer(**change)
+
+
+BAD_INPUTS = [
+    (randn(4, 6, 6), ValueError, r"expects 4-D input \[B, C, H, W\], got shape \(4, 6, 6\)"),
+    (randn(2, 3, 6, 6), ValueError, r"expects in_channels=4, got input of shape \(2, 3, 6, 6\)"),
+    (randn(2, 4, 6, 6, dtype=torch.float64), TypeError, r"input is torch.float64 on cpu but the layer is torch.float32"),
+    (torch.ones(2, 4, 6, 6, dtype=torch.int64), TypeError, r"input is torch.int64 on cpu but the layer is torch.float32"),
+]
+
+
+@pytest.mark.parametrize("x, error, message", BAD_INPUTS, ids=["3-D", "channels", "float64", "int64"])
+def test_bad_inputs_raise(x: Tensor, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        make_layer()(x)

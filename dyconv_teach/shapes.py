@@ -1,0 +1,238 @@
+"""Shape bookkeeping for the book: every shape here comes from a real torch call.
+
+The three explorers of :mod:`dyconv_teach.widgets` only render what these plain
+functions return, so the tests and the notebooks can call them directly:
+
+- :func:`static_conv_shapes`: one ``F.conv2d`` call, and the output-size formula.
+- :func:`grouped_conv_shapes`: a grouped ``F.conv2d`` call and its parameter count.
+- :func:`batch_kernel_shapes`: the naive 5-D weight, the seed's ``.view`` and the
+  batch-as-groups trick, each shape recorded from the ``F.conv2d`` call it makes.
+
+Every torch error is caught and returned as its real message, never retyped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from .functional import dynamic_conv2d, output_size
+from .reference import naive_conv2d, per_sample_conv2d, seed_dynamic_conv2d
+
+__all__ = [
+    "Shape",
+    "Conv2dCall",
+    "record_conv2d_calls",
+    "conv2d_output_size",
+    "output_size_formula",
+    "StaticConvShapes",
+    "static_conv_shapes",
+    "GroupedConvShapes",
+    "grouped_conv_shapes",
+    "BatchKernelShapes",
+    "batch_kernel_shapes",
+]
+
+Shape = Tuple[int, ...]
+
+#: The formula of the ``torch.nn.Conv2d`` docstring, in the book's notation.
+OUTPUT_SIZE_FORMULA = "H' = floor((H + 2*padding - dilation*(k - 1) - 1) / stride + 1)"
+
+
+def conv2d_output_size(size: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+    """Output height (or width) of a convolution, as in the ``nn.Conv2d`` docstring.
+
+    ``floor((size + 2*padding - dilation*(kernel_size - 1) - 1) / stride + 1)``
+
+    Raises:
+        ValueError: if an argument is out of range, or the output would be
+            smaller than 1 (the dilated kernel is larger than the padded input).
+    """
+    for name, value, minimum in (
+        ("size", size, 1),
+        ("kernel_size", kernel_size, 1),
+        ("stride", stride, 1),
+        ("padding", padding, 0),
+        ("dilation", dilation, 1),
+    ):
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    out = output_size(size, kernel_size, stride, padding, dilation)
+    if out < 1:
+        raise ValueError(
+            f"output size would be {out} < 1: the dilated kernel spans dilation*(kernel_size-1)+1 = "
+            f"{dilation * (kernel_size - 1) + 1} pixels but the padded input has only "
+            f"size+2*padding = {size + 2 * padding}"
+        )
+    return out
+
+
+def output_size_formula(size: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> str:
+    """The output-size formula with the numbers filled in, e.g.
+    ``"H' = floor((8 + 2*1 - 1*(3 - 1) - 1) / 1 + 1) = 8"``."""
+    out = output_size(size, kernel_size, stride, padding, dilation)
+    text = (
+        f"H' = floor(({size} + 2*{padding} - {dilation}*({kernel_size} - 1) - 1) / {stride} + 1) = {out}"
+    )
+    return text if out >= 1 else f"{text}  (< 1: no valid output)"
+
+
+@dataclass(frozen=True)
+class Conv2dCall:
+    """The arguments and result of one ``F.conv2d`` call, as shapes."""
+
+    input: Shape
+    weight: Shape
+    groups: int
+    output: Optional[Shape] = None  # None when the call raised
+
+
+class record_conv2d_calls(TorchFunctionMode):
+    """Context manager that records every ``F.conv2d`` call made inside it.
+
+    ``with record_conv2d_calls() as calls: f(...)`` leaves one
+    :class:`Conv2dCall` per call in ``calls.calls``, also for a call that raised,
+    so a shape is read off the real call instead of recomputed by hand.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[Conv2dCall] = []
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.conv2d:
+            return func(*args, **kwargs)
+        x, weight = args[0], kwargs.get("weight", args[1] if len(args) > 1 else None)
+        groups = kwargs.get("groups", args[6] if len(args) > 6 else 1)
+        call = Conv2dCall(tuple(x.shape), tuple(weight.shape), int(groups))
+        self.calls.append(call)
+        out = func(*args, **kwargs)
+        self.calls[-1] = Conv2dCall(call.input, call.weight, call.groups, tuple(out.shape))
+        return out
+
+
+@dataclass(frozen=True)
+class StaticConvShapes:
+    """One ordinary convolution: ``x [B, C, H, W] * weight [O, C, k, k]``."""
+
+    input: Shape
+    weight: Shape
+    output: Optional[Shape]  # None when torch raised
+    error: Optional[str]  # torch's message, e.g. for an output smaller than 1
+    formula: str  # the output-size formula with the numbers filled in
+
+
+def static_conv_shapes(
+    C: int, O: int, k: int, stride: int = 1, padding: int = 0, dilation: int = 1, H: int = 8, B: int = 1
+) -> StaticConvShapes:
+    """Run ``F.conv2d`` on a square ``[B, C, H, H]`` input and report every shape."""
+    x = torch.zeros(B, C, H, H)
+    weight = torch.zeros(O, C, k, k)
+    output: Optional[Shape] = None
+    error: Optional[str] = None
+    try:
+        output = tuple(F.conv2d(x, weight, stride=stride, padding=padding, dilation=dilation).shape)
+    except RuntimeError as exc:
+        error = str(exc)
+    formula = output_size_formula(H, k, stride, padding, dilation)
+    return StaticConvShapes(tuple(x.shape), tuple(weight.shape), output, error, formula)
+
+
+@dataclass(frozen=True)
+class GroupedConvShapes:
+    """A grouped convolution with ``g`` groups, and what grouping saves."""
+
+    input: Shape
+    weight: Shape  # [O, C//g, k, k] (C//g rounds down when g does not divide C)
+    output: Optional[Shape]
+    error: Optional[str]
+    #: per group: (input channels, output channels), as ``range``s; empty on error
+    split: Tuple[Tuple[range, range], ...] = field(default=())
+    params: int = 0  # weight entries of this layer, O * C/g * k * k
+    params_dense: int = 0  # the same layer with g = 1, O * C * k * k
+
+
+def grouped_conv_shapes(C: int, O: int, g: int, k: int = 3, H: int = 8, B: int = 1) -> GroupedConvShapes:
+    """Run ``F.conv2d(x, weight [O, C//g, k, k], groups=g)`` and report its shapes."""
+    x = torch.zeros(B, C, H, H)
+    weight = torch.zeros(O, C // g, k, k)
+    try:
+        output = tuple(F.conv2d(x, weight, groups=g).shape)
+    except RuntimeError as exc:
+        return GroupedConvShapes(tuple(x.shape), tuple(weight.shape), None, str(exc))
+    c, o = C // g, O // g
+    split = tuple((range(j * c, (j + 1) * c), range(j * o, (j + 1) * o)) for j in range(g))
+    return GroupedConvShapes(tuple(x.shape), tuple(weight.shape), output, None, split, weight.numel(), O * C * k * k)
+
+
+@dataclass(frozen=True)
+class BatchKernelShapes:
+    """Dynamic convolution of a batch: the naive path, the seed's, the trick's."""
+
+    x: Shape  # [B, C, H, W]
+    attention: Shape  # pi, [B, K]
+    bank: Shape  # [K, O, C/g, k, k]
+    aggregated: Shape  # per-sample kernels, [B, O, C/g, k, k]
+    naive_error: str  # what F.conv2d says to the 5-D weight
+    seed_call: Conv2dCall  # the seed's F.conv2d call: its .view'ed weight and groups
+    seed_error: Optional[str]  # None when the seed works (B = 1)
+    seed_output: Optional[Shape]  # the seed's final .view, when it works
+    trick_call: Conv2dCall  # x [1, B*C, H, W], weight [B*O, C/g, k, k], groups=B*g
+    trick_output: Shape  # [B, O, H', W']
+    matches_loop: bool  # the trick equals the per-sample loop (torch.allclose)
+
+
+def batch_kernel_shapes(
+    B: int, K: int, C: int = 4, O: int = 4, g: int = 1, k: int = 3, H: int = 6, seed: int = 0
+) -> BatchKernelShapes:
+    """Push one random batch through the three ways of batching dynamic convolution.
+
+    The attention ``pi`` is a softmax over random logits; the inputs come from a
+    generator seeded with ``seed``, so the result is the same on every run.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, H, generator=gen)
+    bank = torch.randn(K, O, C // g, k, k, generator=gen)
+    pi = torch.softmax(torch.randn(B, K, generator=gen), dim=1)
+
+    with record_conv2d_calls() as naive:
+        try:
+            naive_conv2d(x, bank, pi, groups=g)
+        except RuntimeError as exc:
+            naive_error = str(exc)
+        else:  # pragma: no cover - torch has always rejected a 5-D weight in conv2d
+            raise AssertionError("F.conv2d accepted a 5-D weight")
+
+    seed_error: Optional[str] = None
+    seed_output: Optional[Shape] = None
+    with record_conv2d_calls() as seed_calls:
+        try:
+            seed_output = tuple(seed_dynamic_conv2d(x, bank, pi, groups=g).shape)
+        except RuntimeError as exc:
+            seed_error = str(exc)
+
+    with record_conv2d_calls() as trick:
+        out = dynamic_conv2d(x, bank, pi, groups=g)
+    loop: Tensor = per_sample_conv2d(x, bank, pi, groups=g)
+
+    return BatchKernelShapes(
+        x=tuple(x.shape),
+        attention=tuple(pi.shape),
+        bank=tuple(bank.shape),
+        aggregated=naive.calls[0].weight,
+        naive_error=naive_error,
+        seed_call=seed_calls.calls[0],
+        seed_error=seed_error,
+        seed_output=seed_output,
+        trick_call=trick.calls[0],
+        trick_output=tuple(out.shape),
+        matches_loop=bool(torch.allclose(out, loop, rtol=1e-4, atol=1e-5)),
+    )

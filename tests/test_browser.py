@@ -1,0 +1,179 @@
+"""The explorers of the *built* HTML book respond in a real browser, offline.
+
+Serves ``_build/html`` on 127.0.0.1, opens each widget page in headless
+Chromium (Playwright), moves every control through its values and checks the
+shapes and messages shown against :mod:`dyconv_teach.shapes`. Build the book
+first (see the README); set ``DYCONV_HTML_DIR`` to test another build.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Tuple
+from urllib.parse import urlparse
+
+import pytest
+
+from dyconv_teach.shapes import (
+    Shape,
+    batch_kernel_shapes,
+    grouped_conv_shapes,
+    output_size_formula,
+    static_conv_shapes,
+)
+from dyconv_teach.widgets import Explorer, batch_kernel_explorer, grouped_conv_explorer, static_conv_explorer
+
+HTML_DIR = Path(os.environ.get("DYCONV_HTML_DIR", Path(__file__).resolve().parents[1] / "_build" / "html"))
+BUILD_COMMAND = "jupyter-book build --all -W -n --keep-going ."
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def fmt(shape: Shape) -> str:
+    return "[" + ", ".join(str(n) for n in shape) + "]"
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    if not (HTML_DIR / "index.html").is_file():
+        pytest.fail(f"no built book in {HTML_DIR}: run `{BUILD_COMMAND}` in the repository root first")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(HTML_DIR)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+    executable = shutil.which("chromium") or "/usr/bin/chromium"
+    with sync_api.sync_playwright() as p:
+        try:
+            chromium = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        except Exception as exc:  # no binary, or it cannot start here
+            pytest.skip(f"cannot launch Chromium ({executable}): {exc}")
+        yield chromium
+        chromium.close()
+
+
+def open_explorer(browser: Any, base_url: str, page_path: str, kind: str) -> Tuple[Any, Any]:
+    """Load a page, check it fetched nothing off 127.0.0.1 and raised no JS error;
+    return the page and its explorer."""
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    requests: List[str] = []
+    errors: List[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{base_url}/{page_path}", wait_until="networkidle")
+    remote = [u for u in requests if urlparse(u).scheme not in ("data", "blob") and urlparse(u).hostname != "127.0.0.1"]
+    assert remote == [], f"{page_path} requested off-host URLs (CDN?): {remote}"
+    # sphinx-thebe writes its `const THEBE_JS_URL` script twice into every page (not ours, harmless).
+    errors = [e for e in errors if "THEBE_JS_URL" not in e]
+    assert errors == [], f"{page_path} raised JavaScript errors: {errors}"
+    explorer = page.locator(f'div.dyconv-explorer[data-explorer="{kind}"]')
+    assert explorer.count() == 1, f"{page_path} should hold one {kind} explorer, found {explorer.count()}"
+    return page, explorer
+
+
+def settings_to_try(explorer: Explorer) -> Iterator[Dict[str, int]]:
+    """Move each control through its values, the others at their defaults."""
+    for control in explorer.controls:
+        for value in control.grid:
+            yield {**explorer.defaults(), control.name: value}
+
+
+def select(explorer_el: Any, setting: Dict[str, int]) -> None:
+    for name, value in setting.items():
+        explorer_el.locator(f'select[data-param="{name}"]').select_option(str(value))
+
+
+def role_text(explorer_el: Any, role: str) -> str:
+    return explorer_el.locator(f'[data-role="{role}"]').inner_text()
+
+
+def test_static_explorer(browser: Any, base_url: str) -> None:
+    page, el = open_explorer(browser, base_url, "book/02_static_convolution.html", "static")
+    explorer = static_conv_explorer()
+    # Every control, then two settings where the dilated kernel outgrows the input.
+    extra = [{**explorer.defaults(), "k": k, "dilation": 2, "H": 5} for k in (5, 7)]
+    shown_before = role_text(el, "shapes")
+    for setting in [*settings_to_try(explorer), *extra]:
+        select(el, setting)
+        s = setting
+        r = static_conv_shapes(s["C"], s["O"], s["k"], s["stride"], s["padding"], s["dilation"], s["H"])
+        shapes = role_text(el, "shapes")
+        assert fmt(r.input) in shapes and fmt(r.weight) in shapes, (setting, shapes)
+        if r.error is None:
+            assert fmt(r.output) in shapes and "RuntimeError" not in shapes, (setting, shapes)
+        else:
+            assert r.error in shapes, (setting, shapes)
+        assert output_size_formula(s["H"], s["k"], s["stride"], s["padding"], s["dilation"]) in role_text(el, "formula")
+    assert role_text(el, "shapes") != shown_before, "the shapes shown never changed"
+    el.screenshot(path="/tmp/dyconv-browser-static.png")
+    page.close()
+
+
+def test_grouped_explorer(browser: Any, base_url: str) -> None:
+    page, el = open_explorer(browser, base_url, "book/03_grouped_convolution.html", "grouped")
+    explorer = grouped_conv_explorer()
+    for setting in [*settings_to_try(explorer), {"C": 8, "O": 8, "g": 4}, {"C": 6, "O": 6, "g": 3}]:
+        select(el, setting)
+        r = grouped_conv_shapes(setting["C"], setting["O"], setting["g"])
+        shapes, split = role_text(el, "shapes"), role_text(el, "split")
+        assert fmt(r.weight) in shapes, (setting, shapes)
+        diagram = el.locator('[data-role="diagram"] img')
+        if r.error is None:
+            assert fmt(r.output) in shapes and str(r.params) in split and str(r.params_dense) in split, (setting, split)
+            assert split.count("group ") == setting["g"], (setting, split)
+            assert diagram.get_attribute("alt") == f"draw_group_wiring({setting['C']}, {setting['O']}, {setting['g']})"
+            assert diagram.evaluate("img => img.naturalWidth") > 0, "the wiring diagram did not load"
+        else:
+            assert r.error in shapes, (setting, shapes)
+            assert diagram.count() == 0
+    select(el, explorer.defaults())
+    el.screenshot(path="/tmp/dyconv-browser-grouped.png")
+    page.close()
+
+
+def test_batch_kernel_explorer(browser: Any, base_url: str) -> None:
+    page, el = open_explorer(browser, base_url, "book/05_batch_as_groups.html", "batch_kernel")
+    fixed = json.loads(el.get_attribute("data-fixed"))  # the C, O, k, H the chapter chose
+    explorer = batch_kernel_explorer(**fixed)
+    seen_seed_error = False
+    for setting in settings_to_try(explorer):
+        select(el, setting)
+        r = batch_kernel_shapes(setting["B"], setting["K"], g=setting["g"], **fixed)
+        shapes = role_text(el, "shapes")
+        for shape in (r.x, r.attention, r.bank, r.aggregated):
+            assert fmt(shape) in shapes, (setting, shapes)
+        assert r.naive_error in role_text(el, "naive-error")
+        seed = role_text(el, "seed")
+        assert fmt(r.seed_call.weight) in seed, (setting, seed)
+        if setting["B"] == 1:
+            assert r.seed_error is None and f"works for B=1: output {fmt(r.seed_output)}" in seed, (setting, seed)
+        else:
+            assert r.seed_error is not None and r.seed_error in seed, (setting, seed)
+            seen_seed_error = True
+        trick = role_text(el, "trick")
+        for shape in (r.trick_call.input, r.trick_call.weight, r.trick_call.output, r.trick_output):
+            assert fmt(shape) in trick, (setting, trick)
+        assert "torch.allclose(trick, per-sample loop): True" in trick, (setting, trick)
+        alt = el.locator('[data-role="diagram"] img').get_attribute("alt")
+        assert alt.startswith(f"draw_batch_as_groups({setting['B']}, "), (setting, alt)
+    assert seen_seed_error
+    select(el, explorer.defaults())
+    el.screenshot(path="/tmp/dyconv-browser-batch_kernel.png")
+    page.close()

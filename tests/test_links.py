@@ -1,0 +1,175 @@
+"""Link check of the built book in ``_build/html``, offline.
+
+Every internal ``href``/``src`` (pages, ``#anchors`` within and across pages,
+images, CSS, JS) must resolve to a file in the build, and an anchor to an
+``id`` (or ``<a name>``) on the target page. External http(s) links are only
+collected, never fetched; but a page may not load a script or a stylesheet from
+another site, since the book must work offline and load no remote code.
+
+Build first: ``jupyter-book build --all -W -n --keep-going .``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Dict, List, Optional, Set, Tuple
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "_build" / "html"
+BUILD_COMMAND = "jupyter-book build --all -W -n --keep-going ."
+
+# (tag, attribute) pairs whose value is a URL the browser follows or loads.
+LINK_ATTRS = {("a", "href"), ("link", "href"), ("script", "src"), ("img", "src"), ("source", "src"),
+              ("iframe", "src"), ("video", "src"), ("audio", "src")}
+# Schemes that point at no file: nothing to resolve.
+IGNORED_SCHEMES = {"mailto", "javascript", "data", "tel"}
+
+
+@dataclass
+class Link:
+    """One URL found on a page."""
+
+    page: Path
+    tag: str
+    attr: str
+    url: str
+    rel: str = ""
+
+
+@dataclass
+class Page:
+    """The anchors a page defines and the links it contains."""
+
+    ids: Set[str] = field(default_factory=set)
+    links: List[Link] = field(default_factory=list)
+
+
+class _PageParser(HTMLParser):
+    def __init__(self, path: Path) -> None:
+        super().__init__(convert_charrefs=True)
+        self.path = path
+        self.page = Page()
+
+    def handle_starttag(self, tag: str, attrs: List[Tuple[str, Optional[str]]]) -> None:
+        values = {name: value for name, value in attrs if value is not None}
+        if "id" in values:
+            self.page.ids.add(values["id"])
+        if tag == "a" and "name" in values:
+            self.page.ids.add(values["name"])
+        for name, value in values.items():
+            if (tag, name) in LINK_ATTRS:
+                self.page.links.append(Link(self.path, tag, name, value.strip(), values.get("rel", "").lower()))
+
+    handle_startendtag = handle_starttag
+
+
+def parse_site(build: Path) -> Dict[Path, Page]:
+    """Parse every page under ``build``; keys are resolved file paths.
+
+    ``_static/`` holds assets only: its ``.html`` files are the themes' Jinja
+    macro templates (``{{ pathto(...) }}``), which no page serves.
+    """
+    pages = {}
+    for path in sorted(build.rglob("*.html")):
+        if "_static" in path.relative_to(build).parts:
+            continue
+        parser = _PageParser(path.resolve())
+        parser.feed(path.read_text(encoding="utf-8"))
+        parser.close()
+        pages[path.resolve()] = parser.page
+    return pages
+
+
+def is_external(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") or url.startswith("//")
+
+
+def check_site(build: Path) -> Tuple[List[str], List[str], List[str]]:
+    """Return ``(broken internal links, off-site scripts/stylesheets, external links)``."""
+    build = build.resolve()
+    pages = parse_site(build)
+    broken, offsite, external = [], [], []
+    for page_path, page in pages.items():
+        where = page_path.relative_to(build)
+        for link in page.links:
+            if not link.url:
+                continue
+            if is_external(link.url):
+                external.append(link.url)
+                if link.tag == "script" or (link.tag == "link" and "stylesheet" in link.rel.split()):
+                    offsite.append(f"{where}: <{link.tag} {link.attr}={link.url!r}> loads from another site")
+                continue
+            parts = urlsplit(link.url)
+            if parts.scheme in IGNORED_SCHEMES:
+                continue
+            if parts.scheme or parts.netloc:
+                broken.append(f"{where}: {link.url!r} has unexpected scheme {parts.scheme!r}")
+                continue
+            target = page_path if not parts.path else (page_path.parent / unquote(parts.path)).resolve()
+            if target.is_dir():
+                target = target / "index.html"
+            if build not in target.parents:
+                broken.append(f"{where}: {link.url!r} points outside the build, to {target}")
+                continue
+            if not target.is_file():
+                broken.append(f"{where}: {link.url!r} -> {target.relative_to(build)} does not exist")
+                continue
+            fragment = unquote(parts.fragment)
+            if fragment and target.suffix == ".html" and fragment not in pages.get(target, Page()).ids:
+                broken.append(f"{where}: {link.url!r} -> no id {fragment!r} on {target.relative_to(build)}")
+    return broken, offsite, external
+
+
+@pytest.fixture(scope="module")
+def site() -> Tuple[List[str], List[str], List[str]]:
+    if not (BUILD / "index.html").is_file():
+        pytest.fail(f"no built book at {BUILD}: run `{BUILD_COMMAND}` from the repository root first")
+    return check_site(BUILD)
+
+
+def test_internal_links_resolve(site: Tuple[List[str], List[str], List[str]]) -> None:
+    broken = site[0]
+    assert not broken, f"{len(broken)} broken internal links:\n" + "\n".join(broken)
+
+
+def test_no_offsite_scripts_or_stylesheets(site: Tuple[List[str], List[str], List[str]]) -> None:
+    offsite = site[1]
+    assert not offsite, "pages load code or styles from other sites:\n" + "\n".join(offsite)
+
+
+def test_book_pages_were_checked() -> None:
+    """The checker saw the chapters (a build with no pages would pass vacuously)."""
+    if not (BUILD / "index.html").is_file():
+        pytest.fail(f"no built book at {BUILD}: run `{BUILD_COMMAND}` from the repository root first")
+    names = {p.name for p in BUILD.joinpath("book").glob("*.html")}
+    chapters = {p.stem + ".html" for p in ROOT.joinpath("book").glob("0*.ipynb")}
+    assert chapters and chapters <= names, f"chapters missing from the build: {sorted(chapters - names)}"
+
+
+def test_checker_finds_broken_links(tmp_path: Path) -> None:
+    """The checker itself: a small site with one of each fault, and links that are fine."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "fig.png").write_bytes(b"")
+    (tmp_path / "style.css").write_text("")
+    (tmp_path / "other.html").write_text('<h1 id="top">x</h1><a name="legacy"></a>')
+    (tmp_path / "index.html").write_text(
+        '<link rel="stylesheet" href="style.css?digest=1"><img src="img/fig.png">'
+        '<a href="other.html#top">ok</a><a href="other.html#legacy">ok</a><a href="#here">ok</a><p id="here"></p>'
+        '<a href="mailto:a@b.c">ok</a><a href="https://arxiv.org/abs/1912.03458">ext</a>'
+        '<a href="missing.html">bad</a><a href="other.html#nope">bad</a><a href="#gone">bad</a>'
+        '<img src="img/none.png"><a href="../outside.html">bad</a>'
+        '<script src="https://cdn.example.org/x.js"></script>'
+        '<link rel="stylesheet" href="//cdn.example.org/x.css">'
+    )
+    broken, offsite, external = check_site(tmp_path)
+    assert sorted(b.split(": ", 1)[1].split(" ")[0] for b in broken) == sorted(
+        ["'missing.html'", "'other.html#nope'", "'#gone'", "'img/none.png'", "'../outside.html'"]
+    ), broken
+    assert len(offsite) == 2, offsite
+    assert "https://arxiv.org/abs/1912.03458" in external

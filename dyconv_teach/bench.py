@@ -47,6 +47,7 @@ __all__ = [
     "per_sample_weight_bytes",
     "run_sweep",
     "format_report",
+    "machine_description",
     "main",
 ]
 
@@ -332,6 +333,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_description() -> str:
+    """Where timings are taken: processor, cores, OS, torch version, threads and oneDNN."""
+    return (
+        f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"oneDNN available: {torch.backends.mkldnn.is_available()}"
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command line: parse the options, run the sweep, print the machine and the tables."""
     parser = argparse.ArgumentParser(prog="python -m dyconv_teach.bench", description=__doc__.splitlines()[0])
@@ -349,8 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, oneDNN available: {torch.backends.mkldnn.is_available()}")
+    print(machine_description())
     print(f"clock: {'process CPU time' if args.cpu_time else 'wall'}; {args.repeats} repeats, K=4, 3x3 kernel, padding 1, float32")
     rows = run_sweep(
         QUICK_CELLS if args.quick else SWEEP_CELLS,

@@ -130,16 +130,20 @@ def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
 
 
-def _output_pixels(
+def _output_hw(
     x: Tensor, weight: Tensor, stride: Tuple[int, int], padding: Union[str, Tuple[int, int]], dilation: Tuple[int, int]
-) -> int:
-    """``H' * W'``, the number of output pixels per channel."""
+) -> Tuple[int, int]:
+    """``(H', W')``; a ``ValueError`` if the dilated kernel does not fit the padded input."""
     if padding == "same":
-        return x.shape[-2] * x.shape[-1]
+        return x.shape[-2], x.shape[-1]
     pad = (0, 0) if padding == "valid" else padding
-    return output_size(x.shape[2], weight.shape[3], stride[0], pad[0], dilation[0]) * output_size(
-        x.shape[3], weight.shape[4], stride[1], pad[1], dilation[1]
-    )
+    hw = tuple(output_size(x.shape[2 + i], weight.shape[3 + i], stride[i], pad[i], dilation[i]) for i in range(2))
+    if min(hw) < 1:
+        raise ValueError(
+            f"output size (H', W') = {hw} < 1: the kernel {tuple(weight.shape[3:])} with dilation={dilation} "
+            f"does not fit the input {tuple(x.shape[2:])} padded by {pad}"
+        )
+    return hw  # type: ignore[return-value]
 
 
 def _batch_as_groups(
@@ -261,7 +265,8 @@ def dynamic_conv2d(
     # every cell under 32 MiB batch-as-groups won (C=128 14x14 B=32, 18 MiB: 1.5x
     # against 3.9-4.0x). Unfold+bmm, the per-sample loop and batch slices of 2-16
     # samples were never clearly ahead, so they are not kept.
+    out_h, out_w = _output_hw(x, weight, stride_, padding_, dilation_)
     big = B * weight[0].numel() * x.element_size() > _BIG_MIXED_WEIGHT_BYTES
-    if big and (K - 1) * _output_pixels(x, weight, stride_, padding_, dilation_) <= _KERNEL_BRANCHES_MAX_WORK:
+    if big and (K - 1) * out_h * out_w <= _KERNEL_BRANCHES_MAX_WORK:
         return _kernel_branches(x, weight, attention, bias, stride_, padding_, dilation_, groups)
     return _batch_as_groups(x, weight, attention, bias, stride_, padding_, dilation_, groups)

@@ -323,6 +323,12 @@ BAD_ARGS: dict[str, Tuple[dict[str, Any], type, str]] = {
     "stride float": ({"stride": 1.5}, ValueError, r"stride must be an int or a pair of ints, got 1\.5"),
     "stride triple": ({"stride": (1, 1, 1)}, ValueError, r"stride must be an int or a pair of ints, got \(1, 1, 1\)"),
     "dilation 0": ({"dilation": (1, 0)}, ValueError, r"dilation must be >= 1, got \(1, 0\)"),
+    "kernel larger than input": (
+        {"dilation": 3},
+        ValueError,
+        r"output size \(H', W'\) = \(0, 0\) < 1: the kernel \(3, 3\) with dilation=\(3, 3\) does not fit the input "
+        r"\(6, 6\) padded by \(0, 0\)",
+    ),
 }
 
 

@@ -80,8 +80,6 @@ def open_explorer(browser: Any, base_url: str, page_path: str, kind: str) -> Tup
     page.goto(f"{base_url}/{page_path}", wait_until="networkidle")
     remote = [u for u in requests if urlparse(u).scheme not in ("data", "blob") and urlparse(u).hostname != "127.0.0.1"]
     assert remote == [], f"{page_path} requested off-host URLs (CDN?): {remote}"
-    # sphinx-thebe writes its `const THEBE_JS_URL` script twice into every page (not ours, harmless).
-    errors = [e for e in errors if "THEBE_JS_URL" not in e]
     assert errors == [], f"{page_path} raised JavaScript errors: {errors}"
     explorer = page.locator(f'div.dyconv-explorer[data-explorer="{kind}"]')
     assert explorer.count() == 1, f"{page_path} should hold one {kind} explorer, found {explorer.count()}"

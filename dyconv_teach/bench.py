@@ -272,7 +272,7 @@ def format_report(rows: Sequence[Row], target: float = 1.25, noise: float = 0.05
     ``noise`` (where the core picks batch-as-groups it runs the same code, so gaps
     of a few percent are timing noise).
     """
-    names = list(rows[0]["seconds"])  # type: ignore[arg-type]
+    names = list(rows[0]["seconds"])  # type: ignore[call-overload]
     others = [n for n in names if n not in (BASELINE, CORE)]
     cell_w = 16
     head = f"{'C=O':>5} {'HxW':>7} {'B':>3} {'static ms':>10}" + "".join(f"{n:>{cell_w}}" for n in names[1:])

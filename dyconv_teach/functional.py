@@ -136,7 +136,7 @@ def _output_hw(
     """``(H', W')``; a ``ValueError`` if the dilated kernel does not fit the padded input."""
     if padding == "same":
         return x.shape[-2], x.shape[-1]
-    pad = (0, 0) if padding == "valid" else padding
+    pad = (0, 0) if isinstance(padding, str) else padding  # 'valid' (and 'same' returned above)
     hw = tuple(output_size(x.shape[2 + i], weight.shape[3 + i], stride[i], pad[i], dilation[i]) for i in range(2))
     if min(hw) < 1:
         raise ValueError(

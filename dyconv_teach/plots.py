@@ -9,7 +9,7 @@ joins an input channel to every output channel whose kernel reads it.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
@@ -36,7 +36,7 @@ def _row_x(n: int, width: float) -> List[float]:
 
 
 def _wire_groups(
-    ax: Axes, n_in: int, n_out: int, groups: int, colors: Sequence[str], width: float, labels: Sequence[str]
+    ax: Axes, n_in: int, n_out: int, groups: int, colors: Sequence[Any], width: float, labels: Sequence[str]
 ) -> None:
     """Draw ``n_in`` input and ``n_out`` output dots split into ``groups`` equal
     blocks, block ``j`` in ``colors[j]``, fully wired within each block only."""
@@ -56,16 +56,16 @@ def _wire_groups(
                 bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": color})
 
 
-def _finish(ax: Axes, width: float, top: str, bottom: str) -> None:
+def _finish(fig: Figure, ax: Axes, width: float, top: str, bottom: str) -> None:
     """Name the two rows, hide the axes, lay the figure out and detach it from pyplot."""
     ax.text(-0.2, _TOP, top, ha="right", va="center", fontsize=10)
     ax.text(-0.2, _BOTTOM, bottom, ha="right", va="center", fontsize=10)
     ax.set_xlim(-0.2, width + 0.2)
     ax.set_ylim(-0.35, 1.35)
     ax.axis("off")
-    ax.figure.tight_layout()
+    fig.tight_layout()
     # Closed, so the inline backend does not show it a second time at the end of the cell.
-    plt.close(ax.figure)
+    plt.close(fig)
 
 
 def draw_group_wiring(C: int, O: int, g: int) -> Figure:
@@ -82,7 +82,7 @@ def draw_group_wiring(C: int, O: int, g: int) -> Figure:
     labels = [f"group {j}" if width / g >= 2 else str(j) for j in range(g)]
     _wire_groups(ax, C, O, g, colors, width, labels)
     ax.set_title(f"g={g}: each kernel [C/g, k, k] reads {C // g} of the {C} input channels", fontsize=10)
-    _finish(ax, width, f"input C={C}", f"output O={O}")
+    _finish(fig, ax, width, f"input C={C}", f"output O={O}")
     return fig
 
 
@@ -109,5 +109,5 @@ def draw_batch_as_groups(B: int, C: int, O: int, g: int = 1) -> Figure:
         ax.text(x, -0.22, f"out[{b}]", ha="center", va="center", fontsize=9, color=tab10(b % 10))
     ax.set_title(f"groups = B*g = {B * g}: sample b meets only its own kernels W_b;\n"
                  f"the output [1, B*O, H', W'] is viewed back to [B={B}, O={O}, H', W']", fontsize=10)
-    _finish(ax, width, f"x.reshape(1, B*C={B * C}, H, W)", f"[1, B*O={B * O}, H', W']")
+    _finish(fig, ax, width, f"x.reshape(1, B*C={B * C}, H, W)", f"[1, B*O={B * O}, H', W']")
     return fig

@@ -49,11 +49,12 @@ def kernel_sum_conv2d(
 ) -> Tensor:
     """Run K static convolutions and mix their outputs: by linearity of
     convolution, ``sum_k pi_k (W_k * x) = (sum_k pi_k W_k) * x``."""
-    out = 0
-    for k in range(weight.shape[0]):
-        b_k = None if bias is None else bias[k]
-        out = out + attention[:, k, None, None, None] * F.conv2d(x, weight[k], b_k, stride, padding, dilation, groups)
-    return out  # type: ignore[return-value]
+    branches = [
+        attention[:, k, None, None, None]
+        * F.conv2d(x, weight[k], None if bias is None else bias[k], stride, padding, dilation, groups)
+        for k in range(weight.shape[0])
+    ]
+    return torch.stack(branches).sum(dim=0)
 
 
 def naive_conv2d(

@@ -110,7 +110,7 @@ class record_conv2d_calls(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.conv2d:
             return func(*args, **kwargs)
-        x, weight = args[0], kwargs.get("weight", args[1] if len(args) > 1 else None)
+        x, weight = args[0], kwargs["weight"] if "weight" in kwargs else args[1]
         groups = kwargs.get("groups", args[6] if len(args) > 6 else 1)
         call = Conv2dCall(tuple(x.shape), tuple(weight.shape), int(groups))
         self.calls.append(call)

@@ -168,6 +168,8 @@ class Explorer:
             rendered_grid = [(setting, self.render(**setting)) for setting in self.grid()]
         finally:
             torch.set_num_threads(threads)
+        defaults = self.defaults()
+        shown: Fragments = {}
         for setting, rendered in rendered_grid:
             entry = []
             for role in self.roles:
@@ -176,6 +178,8 @@ class Explorer:
                     fragments.append(rendered[role])
                 entry.append(index[rendered[role]])
             table[",".join(str(v) for v in setting.values())] = entry
+            if setting == defaults:  # the grid holds the default setting (Control checks it)
+                shown = rendered
         data = {
             "params": [c.name for c in self.controls],
             "roles": list(self.roles),
@@ -183,7 +187,6 @@ class Explorer:
             "table": table,
         }
         payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-        shown = self.render(**self.defaults())
         selects = "".join(
             f'<label>{html.escape(c.label)}<select data-param="{c.name}">'
             + "".join(f'<option value="{v}"{" selected" if v == c.default else ""}>{v}</option>' for v in c.grid)

@@ -4,18 +4,22 @@ Run ``python -m dyconv_teach.bench`` (``--help`` for the options). For every cel
 the sweep (``C = O`` channels at ``H x W``, batch ``B``, ``K`` kernels of 3x3,
 padding 1) it times forward+backward of every entry of :data:`STRATEGIES` and prints
 each one's time divided by the static ``F.conv2d`` of the same shape, measured in the
-same run; then the memory each strategy allocates.
+same run; then the memory each strategy allocates. ``--device cuda`` runs the sweep on
+a GPU and then one training step of a ResNet-18 whose 3x3 convolutions are dynamic
+(:func:`resnet18`), against the static network, in float32 and under bfloat16 autocast.
 
 The pieces are reusable (a chapter on cost imports them instead of re-writing timing
 code):
 
 - :data:`STRATEGIES`: name -> callable with :func:`~dyconv_teach.functional.dynamic_conv2d`'s
-  signature, the static baseline first;
+  signature, the static baseline first, then the core (which picks a strategy per shape),
+  every strategy it can run, forced, and the per-sample loop;
 - :func:`make_inputs`: the four tensors of one cell, all requiring grad;
 - :func:`time_forward_backward`: the minimum seconds of forward+backward over repeats;
 - :func:`peak_memory_forward_backward`: bytes allocated at the peak of forward+backward;
 - :func:`per_sample_weight_bytes`: the size of the ``[B*O, C/g, kH, kW]`` mixed weight;
-- :func:`run_sweep` and :func:`format_report`: the sweep as data, and its printed tables.
+- :func:`run_sweep` and :func:`format_report`: the sweep as :class:`Cell` rows, and its tables;
+- :func:`resnet18` and :func:`time_train_step`: the whole-network measurement.
 
 On a machine shared with other work, wall-clock ratios move from run to run; run
 twice, or pass ``--cpu-time``.
@@ -24,22 +28,30 @@ twice, or pass ``--cpu-time``.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
+from typing_extensions import Unpack
 
-from .functional import IntPair, Padding, _batch_as_groups, _kernel_branches, check_conv_args, dynamic_conv2d
+from ._utils import Conv2dOptions, DynamicConv2dFn, IntPair
+from .functional import dynamic_conv2d
+from .layers import DynamicConv2d
 from .reference import per_sample_conv2d
+from .strategies import STRATEGIES as CORE_STRATEGIES
 
 __all__ = [
     "STRATEGIES",
+    "Cell",
     "static_conv2d",
     "make_inputs",
     "time_forward_backward",
@@ -48,66 +60,37 @@ __all__ = [
     "run_sweep",
     "format_report",
     "machine_description",
+    "resnet18",
+    "time_train_step",
     "main",
 ]
 
-Conv = Callable[..., Tensor]
-
 
 def static_conv2d(
-    x: Tensor,
-    weight: Tensor,
-    attention: Tensor,
-    bias: Optional[Tensor] = None,
-    stride: IntPair = 1,
-    padding: Padding = 0,
-    dilation: IntPair = 1,
-    groups: int = 1,
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[Conv2dOptions]
 ) -> Tensor:
     """The baseline: one ordinary ``F.conv2d`` with the first kernel of the bank.
 
     Same shapes and arguments as the dynamic versions; ``attention`` is ignored.
     """
-    return F.conv2d(x, weight[0], None if bias is None else bias[0], stride, padding, dilation, groups)
-
-
-def _forced(strategy: Callable[..., Tensor], doc: str) -> Conv:
-    """``strategy`` (a private strategy of :mod:`~dyconv_teach.functional`) behind
-    :func:`dynamic_conv2d`'s signature, whatever its dispatch rule would pick."""
-
-    def conv(
-        x: Tensor,
-        weight: Tensor,
-        attention: Tensor,
-        bias: Optional[Tensor] = None,
-        stride: IntPair = 1,
-        padding: Padding = 0,
-        dilation: IntPair = 1,
-        groups: int = 1,
-    ) -> Tensor:
-        stride_, padding_, dilation_ = check_conv_args(x.shape[1], weight.shape[1], groups, stride, padding, dilation)
-        return strategy(x, weight, attention, bias, stride_, padding_, dilation_, groups)
-
-    conv.__doc__ = doc
-    return conv
+    return F.conv2d(x, weight[0], None if bias is None else bias[0], **conv)  # type: ignore[arg-type]
 
 
 #: Name -> callable with the signature of :func:`dynamic_conv2d`. The first entry is
 #: the static baseline every ratio is taken against; the second is the core, which
-#: picks one of the next two per shape.
-STRATEGIES: Dict[str, Conv] = {
+#: picks one of the strategies that follow it per shape and device.
+STRATEGIES: Dict[str, DynamicConv2dFn] = {
     "static conv": static_conv2d,
     "dynamic_conv2d": dynamic_conv2d,
-    "batch-as-groups": _forced(_batch_as_groups, "The whole batch as one grouped F.conv2d, always."),
-    "K-branch sum": _forced(_kernel_branches, "One static F.conv2d with all K*O kernels, outputs mixed, always."),
+    **{name: functools.partial(dynamic_conv2d, strategy=name) for name in CORE_STRATEGIES},
     "per-sample loop": per_sample_conv2d,
 }
 BASELINE = "static conv"
 CORE = "dynamic_conv2d"
 
-#: (C = O, H = W) of the full sweep, and its batch sizes.
+#: (C = O, H = W) of the full sweep, and its batch sizes (per device).
 SWEEP_CELLS: Tuple[Tuple[int, int], ...] = ((32, 56), (64, 28), (128, 14), (256, 7))
-SWEEP_BATCHES: Tuple[int, ...] = (1, 32)
+SWEEP_BATCHES: Dict[str, Tuple[int, ...]] = {"cpu": (1, 32), "cuda": (1, 32, 128)}
 #: A tiny sweep for smoke tests.
 QUICK_CELLS: Tuple[Tuple[int, int], ...] = ((8, 8),)
 QUICK_BATCHES: Tuple[int, ...] = (1, 4)
@@ -121,6 +104,8 @@ def make_inputs(
     kernel_size: int = 3,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    device: str = "cpu",
+    channels_last: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x, weight, attention, bias)`` for one cell, ``C = O = channels``, ``H = W = size``.
 
@@ -130,73 +115,97 @@ def make_inputs(
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, size, size, generator=gen, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(num_kernels, channels, channels, kernel_size, kernel_size, generator=gen, dtype=dtype)
     weight = weight / math.sqrt(channels * kernel_size * kernel_size)
     attention = torch.softmax(torch.randn(batch, num_kernels, generator=gen, dtype=dtype), dim=1)
     bias = torch.randn(num_kernels, channels, generator=gen, dtype=dtype)
-    return tuple(t.requires_grad_() for t in (x, weight, attention, bias))  # type: ignore[return-value]
+    return tuple(t.to(device).requires_grad_() for t in (x, weight, attention, bias))  # type: ignore[return-value]
 
 
-def _forward_backward(fn: Conv, args: Sequence[Tensor], kwargs: Dict[str, object]) -> None:
+def _synchronize(args: Sequence[Tensor]) -> None:
+    """Wait for the GPU, so a wall-clock interval covers the work it was given."""
+    if args and args[0].is_cuda:
+        torch.cuda.synchronize(args[0].device)
+
+
+def _forward_backward(fn: DynamicConv2dFn, args: Sequence[Tensor], conv: Conv2dOptions) -> None:
     """One forward and backward pass, starting from no stored gradients."""
     for t in args:
         t.grad = None
-    out = fn(*args, **kwargs)
+    out = fn(*args, **conv)
     out.backward(torch.ones_like(out))
 
 
 def time_forward_backward(
-    fn: Conv,
+    fn: DynamicConv2dFn,
     *args: Tensor,
     repeats: int = 5,
     warmup: int = 1,
     timer: Callable[[], float] = time.perf_counter,
-    **kwargs: object,
+    **conv: Unpack[Conv2dOptions],
 ) -> float:
-    """Seconds one forward+backward of ``fn(*args, **kwargs)`` takes: the MINIMUM over ``repeats``.
+    """Seconds one forward+backward of ``fn(*args, **conv)`` takes: the MINIMUM over ``repeats``.
 
     The minimum is the run least disturbed by other work on the machine. ``warmup``
-    untimed runs come first (oneDNN builds its kernels on the first call of a shape).
-    Gradients are cleared before each run, and backward starts from ``ones_like(out)``.
-    ``timer`` is wall clock by default; ``time.process_time`` counts this process's
-    CPU seconds instead (all threads, spinning included).
+    untimed runs come first (oneDNN and cuDNN choose their kernels on the first call of a
+    shape). Gradients are cleared before each run, and backward starts from
+    ``ones_like(out)``. ``timer`` is wall clock by default; ``time.process_time`` counts
+    this process's CPU seconds instead (all threads, spinning included). On a GPU the
+    interval is taken between two synchronisations.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
-        _forward_backward(fn, args, kwargs)
+        _forward_backward(fn, args, conv)
     times = []
     for _ in range(repeats):
+        _synchronize(args)
         start = timer()
-        _forward_backward(fn, args, kwargs)
+        _forward_backward(fn, args, conv)
+        _synchronize(args)
         times.append(timer() - start)
     return min(times)
 
 
-def peak_memory_forward_backward(fn: Conv, *args: Tensor, **kwargs: object) -> int:
-    """Peak bytes allocated during one forward+backward of ``fn(*args, **kwargs)``.
-
-    Measured with ``torch.profiler`` (``profile_memory=True``): its memory records
-    give every allocation and free of PyTorch's CPU allocator in time order, and the
-    peak of their running sum is returned. It covers every tensor made during the
-    call (the mixed weights, what autograd saves, the output, the gradients) and not
-    the inputs made before it, nor memory that oneDNN or MKL take outside PyTorch's
-    allocator (their scratch buffers), so it is a lower bound on the real peak.
-    """
-    _forward_backward(fn, args, kwargs)  # warm up, so one-off allocations are not counted
-    for t in args:
-        t.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn(*args, **kwargs)
-        out.backward(torch.ones_like(out))
-        del out
-    # torch.profiler has no public peak for CPU memory; its raw records do give it.
+def _cpu_allocator_peak(prof: profile) -> int:
+    """The peak of PyTorch's CPU allocator during a profile: the running sum of its raw
+    memory records (torch.profiler has no public peak for CPU memory, so this is the one
+    place that reads its private ``kineto_results``)."""
     records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
     current = peak = 0
     for record in sorted(records, key=lambda e: e.start_ns()):
-        current += record.nbytes()
+        current += record.nbytes()  # type: ignore[union-attr]
         peak = max(peak, current)
     return peak
+
+
+def peak_memory_forward_backward(fn: DynamicConv2dFn, *args: Tensor, **conv: Unpack[Conv2dOptions]) -> int:
+    """Peak bytes allocated during one forward+backward of ``fn(*args, **conv)``.
+
+    On a GPU, from ``torch.cuda.max_memory_allocated``; on the CPU, from torch.profiler's
+    memory records (``profile_memory=True``), every allocation and free of PyTorch's CPU
+    allocator in time order. Either covers every tensor made during the call (the mixed
+    weights, what autograd saves, the output, the gradients) and not the inputs made
+    before it, nor memory that oneDNN, MKL or cuDNN take outside PyTorch's allocator
+    (their scratch buffers), so it is a lower bound on the real peak.
+    """
+    _forward_backward(fn, args, conv)  # warm up, so one-off allocations are not counted
+    for t in args:
+        t.grad = None
+    if args[0].is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _forward_backward(fn, args, conv)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn(*args, **conv)
+        out.backward(torch.ones_like(out))
+        del out
+    return _cpu_allocator_peak(prof)
 
 
 def per_sample_weight_bytes(
@@ -213,49 +222,62 @@ def per_sample_weight_bytes(
     return batch * out_channels * (in_channels // groups) * kh * kw * itemsize
 
 
-Row = Dict[str, object]
+@dataclass
+class Cell:
+    """One cell of the sweep: its shape and what each strategy measured there."""
+
+    C: int
+    HW: int
+    B: int
+    seconds: Dict[str, float]
+    weight_bytes: int
+    peak_bytes: Dict[str, int] = field(default_factory=dict)  # empty when memory was not measured
+
+    @property
+    def label(self) -> str:
+        return f"C={self.C} {self.HW}x{self.HW} B={self.B}"
+
+    def ratio(self, name: str) -> float:
+        """``name``'s time divided by the static conv's."""
+        return self.seconds[name] / self.seconds[BASELINE]
 
 
 def run_sweep(
     cells: Sequence[Tuple[int, int]] = SWEEP_CELLS,
-    batches: Sequence[int] = SWEEP_BATCHES,
-    strategies: Optional[Dict[str, Conv]] = None,
+    batches: Sequence[int] = SWEEP_BATCHES["cpu"],
+    strategies: Optional[Dict[str, DynamicConv2dFn]] = None,
     repeats: int = 5,
     num_kernels: int = 4,
     timer: Callable[[], float] = time.perf_counter,
     memory: bool = True,
-) -> List[Row]:
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> List[Cell]:
     """Time (and optionally profile the memory of) every strategy in every cell.
 
-    Returns one dict per cell: ``C``, ``HW``, ``B``, ``seconds`` and ``peak_bytes``
-    (name -> value; ``peak_bytes`` empty when ``memory`` is False) and ``weight_bytes``
-    (:func:`per_sample_weight_bytes`). The strategies of one cell are timed
-    round-robin, one repeat each in turn, so a burst of load on the machine hits all
-    of them alike.
+    The strategies of one cell are timed round-robin, one repeat each in turn, so a
+    burst of load on the machine hits all of them alike.
     """
     strategies = STRATEGIES if strategies is None else strategies
-    rows: List[Row] = []
+    rows: List[Cell] = []
     for channels, size in cells:
         for batch in batches:
-            args = make_inputs(batch, channels, size, num_kernels)
-            seconds = {name: math.inf for name in strategies}
-            for fn in strategies.values():
-                time_forward_backward(fn, *args, repeats=1, warmup=0, timer=timer, padding=1)  # warm-up
+            args = make_inputs(batch, channels, size, num_kernels, dtype=dtype, device=device,
+                               channels_last=channels_last)
+            # The per-sample loop makes B calls from Python: past 32 samples it only measures Python.
+            names = [n for n in strategies if not (n == "per-sample loop" and batch > 32)]
+            seconds = {name: math.inf for name in names}
+            for name in names:
+                time_forward_backward(strategies[name], *args, repeats=1, warmup=0, timer=timer, padding=1)
             for _ in range(repeats):
-                for name, fn in strategies.items():
-                    elapsed = time_forward_backward(fn, *args, repeats=1, warmup=0, timer=timer, padding=1)
+                for name in names:
+                    elapsed = time_forward_backward(strategies[name], *args, repeats=1, warmup=0, timer=timer,
+                                                    padding=1)
                     seconds[name] = min(seconds[name], elapsed)
-            peaks = {name: peak_memory_forward_backward(fn, *args, padding=1) for name, fn in strategies.items()} if memory else {}
-            rows.append(
-                {
-                    "C": channels,
-                    "HW": size,
-                    "B": batch,
-                    "seconds": seconds,
-                    "peak_bytes": peaks,
-                    "weight_bytes": per_sample_weight_bytes(batch, channels, channels),
-                }
-            )
+            peaks = {n: peak_memory_forward_backward(strategies[n], *args, padding=1) for n in names} if memory else {}
+            weight_bytes = per_sample_weight_bytes(batch, channels, channels, dtype=dtype)
+            rows.append(Cell(channels, size, batch, seconds, weight_bytes, peaks))
     return rows
 
 
@@ -263,39 +285,34 @@ def _geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def format_report(rows: Sequence[Row], target: float = 1.25, noise: float = 0.05) -> str:
+def format_report(rows: Sequence[Cell], target: float = 1.25, noise: float = 0.05) -> str:
     """The time table (ratios to the static conv), geometric means, the two targets
     and, when measured, the memory table (MiB).
 
     The targets: the geometric mean of the core's ratio at most ``target``, and no
     cell where the core is slower than the best other strategy by more than
-    ``noise`` (where the core picks batch-as-groups it runs the same code, so gaps
-    of a few percent are timing noise).
+    ``noise`` (where the core picks a strategy it runs the same code, so gaps of a
+    few percent are timing noise). A strategy not run in a cell shows ``-``.
     """
-    names = list(rows[0]["seconds"])  # type: ignore[call-overload]
+    names = list(dict.fromkeys(n for row in rows for n in row.seconds))
     others = [n for n in names if n not in (BASELINE, CORE)]
-    cell_w = 16
-    head = f"{'C=O':>5} {'HxW':>7} {'B':>3} {'static ms':>10}" + "".join(f"{n:>{cell_w}}" for n in names[1:])
-    head += f"{'core/best other':>{cell_w}}"
-    lines = ["Forward+backward time / static conv (min over repeats)", head]
-    ratios: Dict[str, List[float]] = {n: [] for n in names[1:]}
-    best_other: List[float] = []
-    slower = []
+    w = max(16, *(len(n) + 2 for n in names))
+    head = f"{'C=O':>5} {'HxW':>7} {'B':>4} {'static ms':>10}" + "".join(f"{n:>{w}}" for n in names[1:])
+    lines = ["Forward+backward time / static conv (min over repeats)", head + f"{'core/best other':>{w}}"]
+    slower, best_other = [], []
     for row in rows:
-        sec: Dict[str, float] = row["seconds"]  # type: ignore[assignment]
-        base = sec[BASELINE]
-        line = f"{row['C']:>5} {str(row['HW']) + 'x' + str(row['HW']):>7} {row['B']:>3} {base * 1e3:>10.2f}"
-        for n in names[1:]:
-            ratios[n].append(sec[n] / base)
-            line += f"{sec[n] / base:>{cell_w - 1}.2f}x"
-        best = min(sec[n] for n in others) / base
+        line = f"{row.C:>5} {f'{row.HW}x{row.HW}':>7} {row.B:>4} {row.seconds[BASELINE] * 1e3:>10.3f}"
+        line += "".join(f"{row.ratio(n):>{w - 1}.2f}x" if n in row.seconds else f"{'-':>{w}}" for n in names[1:])
+        best = min(row.ratio(n) for n in others if n in row.seconds)
         best_other.append(best)
-        line += f"{ratios[CORE][-1] / best:>{cell_w - 1}.2f}x"
-        if ratios[CORE][-1] > best * (1 + noise):
-            slower.append(f"C={row['C']} {row['HW']}x{row['HW']} B={row['B']} ({ratios[CORE][-1] / best:.2f}x)")
-        lines.append(line)
-    lines.append(f"{'geomean':>28}" + "".join(f"{_geomean(ratios[n]):>{cell_w - 1}.2f}x" for n in names[1:]))
-    core_geo = _geomean(ratios[CORE])
+        core = row.ratio(CORE)
+        if core > best * (1 + noise):
+            slower.append(f"{row.label} ({core / best:.2f}x)")
+        lines.append(line + f"{core / best:>{w - 1}.2f}x")
+    geo = [f"{_geomean([r.ratio(n) for r in rows]):>{w - 1}.2f}x" if all(n in r.seconds for r in rows)
+           else f"{'-':>{w}}" for n in names[1:]]
+    lines.append(f"{'geomean':>29}" + "".join(geo))
+    core_geo = _geomean([r.ratio(CORE) for r in rows])
     lines.append(
         f"Target: geomean of {CORE} <= {target:.2f}x static conv: {core_geo:.2f}x, "
         f"{'met' if core_geo <= target else 'NOT met'} (best other strategy per cell: {_geomean(best_other):.2f}x)"
@@ -304,20 +321,19 @@ def format_report(rows: Sequence[Row], target: float = 1.25, noise: float = 0.05
         f"Target: no cell slower than the best other strategy (by more than {noise:.0%}, timing noise): "
         + ("met" if not slower else "NOT met in " + "; ".join(slower))
     )
-    if rows[0]["peak_bytes"]:
+    if rows[0].peak_bytes:
         mib = 2.0**20
         lines += [
             "",
             "Memory, MiB: the per-sample weight [B*O, C/g, k, k] that batch-as-groups builds, and the peak",
-            "of PyTorch's CPU allocator during forward+backward (torch.profiler memory records; tensors made",
-            "during the call only, inputs excluded; oneDNN/MKL scratch outside PyTorch's allocator is not seen)",
-            f"{'C=O':>5} {'HxW':>7} {'B':>3} {'weight':>10}" + "".join(f"{n:>{cell_w}}" for n in names),
+            "allocated during forward+backward (tensors made during the call only, inputs excluded;",
+            "scratch memory of oneDNN/MKL/cuDNN outside PyTorch's allocator is not seen)",
+            f"{'C=O':>5} {'HxW':>7} {'B':>4} {'weight':>10}" + "".join(f"{n:>{w}}" for n in names),
         ]
         for row in rows:
-            peaks: Dict[str, int] = row["peak_bytes"]  # type: ignore[assignment]
-            line = f"{row['C']:>5} {str(row['HW']) + 'x' + str(row['HW']):>7} {row['B']:>3}"
-            line += f"{row['weight_bytes'] / mib:>10.2f}"  # type: ignore[operator]
-            lines.append(line + "".join(f"{peaks[n] / mib:>{cell_w}.2f}" for n in names))
+            line = f"{row.C:>5} {f'{row.HW}x{row.HW}':>7} {row.B:>4} {row.weight_bytes / mib:>10.2f}"
+            lines.append(line + "".join(
+                f"{row.peak_bytes[n] / mib:>{w}.2f}" if n in row.peak_bytes else f"{'-':>{w}}" for n in names))
     return "\n".join(lines)
 
 
@@ -333,41 +349,167 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_description() -> str:
-    """Where timings are taken: processor, cores, OS, torch version, threads and oneDNN."""
-    return (
+def machine_description(device: str = "cpu") -> str:
+    """Where timings are taken: processor, cores, OS, torch version, threads and oneDNN
+    (and the GPU, for ``device='cuda'``)."""
+    text = (
         f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}\n"
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"oneDNN available: {torch.backends.mkldnn.is_available()}"
     )
+    if device == "cuda":
+        text += f"\nGPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+    return text
+
+
+# -- a whole network: ResNet-18 ---------------------------------------------------------------
+
+
+class _BasicBlock(nn.Module):
+    """ResNet's two-conv block; ``conv`` builds its 3x3 convolutions."""
+
+    def __init__(self, conv: Callable[..., nn.Module], c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = conv(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = conv(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.downsample(x))
+
+
+def resnet18(dynamic: bool = False, num_kernels: int = 4, num_classes: int = 1000, strategy: str = "auto") -> nn.Module:
+    """ResNet-18 (He et al., 2016) as torchvision builds it; with ``dynamic=True`` every 3x3
+    convolution of the residual blocks is a :class:`DynamicConv2d` (the stem stays static,
+    as in the paper's DY-ResNet). ``strategy`` is passed to those layers."""
+
+    def conv(c_in: int, c_out: int, k: int, **kwargs: object) -> nn.Module:
+        if dynamic:
+            return DynamicConv2d(c_in, c_out, k, num_kernels=num_kernels, strategy=strategy, **kwargs)  # type: ignore[arg-type]
+        return nn.Conv2d(c_in, c_out, k, **kwargs)  # type: ignore[arg-type]
+
+    layers: List[nn.Module] = [
+        nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+    ]
+    c_in = 64
+    for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_BasicBlock(conv, c_in, c_out, stride), _BasicBlock(conv, c_out, c_out, 1)]
+        c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def time_train_step(
+    model: nn.Module,
+    batch: int,
+    image_size: int = 224,
+    amp_dtype: Optional[torch.dtype] = None,
+    repeats: int = 10,
+    device: str = "cuda",
+) -> float:
+    """Median seconds of one SGD step (forward, cross-entropy, backward, update) of
+    ``model`` on random channels_last images, optionally under ``torch.autocast``."""
+    model = model.to(device).to(memory_format=torch.channels_last).train()  # type: ignore[call-overload]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device, memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    times = []
+    for i in range(repeats + 3):  # three warm-up steps
+        _synchronize([x])
+        start = time.perf_counter()
+        step()
+        _synchronize([x])
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _resnet_report(batch: int, image_size: int, device: str, repeats: int) -> str:
+    """Static vs dynamic ResNet-18 train steps, each strategy forced and 'auto', fp32 and bf16 autocast."""
+    lines = [f"ResNet-18 training step, batch {batch}, {image_size}x{image_size}, K=4 (median of {repeats}):",
+             f"{'model':<28} {'float32 ms':>11} {'ratio':>7} {'bf16 autocast ms':>17} {'ratio':>7}"]
+    static: Dict[Optional[torch.dtype], float] = {}
+    variants = [("static", False, "auto"), ("dynamic, auto", True, "auto")]
+    variants += [(f"dynamic, {name}", True, name) for name in CORE_STRATEGIES]
+    for label, dynamic, strategy in variants:
+        cells = []
+        for amp in (None, torch.bfloat16):
+            torch.manual_seed(0)
+            try:
+                seconds = time_train_step(resnet18(dynamic, strategy=strategy), batch, image_size, amp, repeats, device)
+            except torch.OutOfMemoryError:
+                cells.append(f"{'out of memory':>11} {'':>7}")
+                continue
+            if not dynamic:
+                static[amp] = seconds
+            cells.append(f"{seconds * 1e3:>{11 if amp is None else 17}.1f} {seconds / static[amp]:>6.2f}x")
+        lines.append(f"{label:<28} " + " ".join(cells))
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command line: parse the options, run the sweep, print the machine and the tables."""
-    parser = argparse.ArgumentParser(prog="python -m dyconv_teach.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dyconv_teach.bench", description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="of the sweep's tensors")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last inputs in the sweep")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per strategy and cell; the minimum is kept (default 5)")
     parser.add_argument("--quick", action="store_true", help="a tiny sweep (C=8, 8x8, B in {1, 4}) that runs in seconds")
     parser.add_argument(
         "--cpu-time",
         action="store_true",
-        help="time with this process's CPU seconds instead of wall clock (steadier on a busy machine)",
+        help="time with this process's CPU seconds instead of wall clock (steadier on a busy machine; CPU only)",
     )
+    parser.add_argument("--resnet", type=int, default=None, metavar="BATCH",
+                        help="also time ResNet-18 train steps at this batch (default on cuda: 256; on cpu: none)")
+    parser.add_argument("--resnet-size", type=int, default=224, help="image size of the ResNet-18 step (default 224)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda" and args.cpu_time:
+        parser.error("--cpu-time measures CPU seconds: it cannot time GPU work")
     torch.set_num_threads(args.threads)
-    print(machine_description())
-    print(f"clock: {'process CPU time' if args.cpu_time else 'wall'}; {args.repeats} repeats, K=4, 3x3 kernel, padding 1, float32")
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    dtype = getattr(torch, args.dtype)
+    print(machine_description(args.device))
+    print(f"clock: {'process CPU time' if args.cpu_time else 'wall'}; {args.repeats} repeats, K=4, 3x3 kernel, "
+          f"padding 1, {args.dtype}{', channels_last' if args.channels_last else ''}, on {args.device}")
     rows = run_sweep(
         QUICK_CELLS if args.quick else SWEEP_CELLS,
-        QUICK_BATCHES if args.quick else SWEEP_BATCHES,
+        QUICK_BATCHES if args.quick else SWEEP_BATCHES[args.device],
         repeats=args.repeats,
         timer=time.process_time if args.cpu_time else time.perf_counter,
+        device=args.device,
+        dtype=dtype,
+        channels_last=args.channels_last,
     )
     print(format_report(rows))
+    resnet_batch = args.resnet if args.resnet is not None else (256 if args.device == "cuda" else None)
+    if resnet_batch:
+        print()
+        print(_resnet_report(resnet_batch, args.resnet_size, args.device, 10 if args.device == "cuda" else 2))
 
 
 if __name__ == "__main__":

@@ -7,72 +7,54 @@ arguments of :func:`~dyconv_teach.functional.dynamic_conv2d`.
 
 from __future__ import annotations
 
+# F.conv2d's type stubs split int and str padding into two overloads, so passing on a
+# padding typed as either needs the `type: ignore[arg-type]` comments below.
+
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .functional import IntPair, Padding
+from ._utils import Conv2dOptions, IntPair, Padding
 
 __all__ = ["per_sample_conv2d", "kernel_sum_conv2d", "naive_conv2d", "seed_dynamic_conv2d"]
 
 
 def per_sample_conv2d(
-    x: Tensor,
-    weight: Tensor,
-    attention: Tensor,
-    bias: Optional[Tensor] = None,
-    stride: IntPair = 1,
-    padding: Padding = 0,
-    dilation: IntPair = 1,
-    groups: int = 1,
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[Conv2dOptions]
 ) -> Tensor:
     """Loop over the batch: build sample b's kernel, run one ordinary ``F.conv2d``."""
     outs = []
     for b in range(x.shape[0]):
-        w_b = torch.einsum("k,koihw->oihw", attention[b], weight)
+        w_b = torch.einsum("j,joihw->oihw", attention[b], weight)  # sum_j pi[b, j] Theta_j
         b_b = None if bias is None else attention[b] @ bias
-        outs.append(F.conv2d(x[b : b + 1], w_b, b_b, stride, padding, dilation, groups))
+        outs.append(F.conv2d(x[b : b + 1], w_b, b_b, **conv))  # type: ignore[arg-type]
     return torch.cat(outs)
 
 
 def kernel_sum_conv2d(
-    x: Tensor,
-    weight: Tensor,
-    attention: Tensor,
-    bias: Optional[Tensor] = None,
-    stride: IntPair = 1,
-    padding: Padding = 0,
-    dilation: IntPair = 1,
-    groups: int = 1,
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[Conv2dOptions]
 ) -> Tensor:
     """Run K static convolutions and mix their outputs: by linearity of
-    convolution, ``sum_k pi_k (W_k * x) = (sum_k pi_k W_k) * x``."""
+    convolution, ``sum_j pi_j (Theta_j * x) = (sum_j pi_j Theta_j) * x``."""
     branches = [
-        attention[:, k, None, None, None]
-        * F.conv2d(x, weight[k], None if bias is None else bias[k], stride, padding, dilation, groups)
-        for k in range(weight.shape[0])
+        attention[:, j, None, None, None] * F.conv2d(x, weight[j], None if bias is None else bias[j], **conv)  # type: ignore[arg-type]
+        for j in range(weight.shape[0])
     ]
     return torch.stack(branches).sum(dim=0)
 
 
 def naive_conv2d(
-    x: Tensor,
-    weight: Tensor,
-    attention: Tensor,
-    bias: Optional[Tensor] = None,
-    stride: IntPair = 1,
-    padding: Padding = 0,
-    dilation: IntPair = 1,
-    groups: int = 1,
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[Conv2dOptions]
 ) -> Tensor:
     """The first thing everyone tries: aggregate to ``[B, O, C/g, kH, kW]`` and
     hand that 5-D weight to ``F.conv2d``. Torch rejects it; the book shows how."""
     K = weight.shape[0]
     aggregate = torch.mm(attention, weight.reshape(K, -1)).reshape(x.shape[0], *weight.shape[1:])
     aggregate_bias = None if bias is None else torch.mm(attention, bias)
-    return F.conv2d(x, aggregate, aggregate_bias, stride, padding, dilation, groups)
+    return F.conv2d(x, aggregate, aggregate_bias, **conv)  # type: ignore[arg-type]
 
 
 def seed_dynamic_conv2d(

@@ -1,6 +1,6 @@
-"""Tests of :func:`dyconv_teach.functional.dynamic_conv2d`: equality with the slow
-references over random configurations, gradients, batch independence, and the
-errors it raises before torch does."""
+"""Tests of :func:`dyconv_teach.functional.dynamic_conv2d`: every strategy it can run
+against the slow references over random configurations, gradients, batch
+independence, the dispatch rule, and the errors it raises before torch does."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dyconv_teach.functional import IntPair, Padding, dynamic_conv2d
+from dyconv_teach import strategies
+from dyconv_teach._utils import IntPair, Padding
+from dyconv_teach.functional import STRATEGY_NAMES, dynamic_conv2d
 from dyconv_teach.reference import kernel_sum_conv2d, per_sample_conv2d
 
 # float32 sums of a few hundred products in a different order: a few ulps of outputs of size ~10.
@@ -70,7 +72,6 @@ def random_cases(n: int, seed: int) -> list[Case]:
         W = d[1] * (kernel[1] - 1) + 1 + rng.randint(0, 5)
         cases.append(
             Case(
-                # Batches above 8 also cover a core that convolves the batch in slices.
                 B=rng.choice([1, 1, 2, 3, 5, 9, 17]),
                 K=rng.choice([1, 2, 4]),
                 C=C,
@@ -128,29 +129,39 @@ def test_cases_cover_every_feature() -> None:
     assert {c.dtype for c in CASES} == {torch.float32, torch.float64}
 
 
+def test_every_strategy_is_tested() -> None:
+    """The parametrised tests below run 'auto' and every strategy of the registry, so a
+    strategy added later is tested without editing this file."""
+    assert set(STRATEGY_NAMES) == {"auto", *strategies.STRATEGIES} and len(strategies.STRATEGIES) >= 2
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 @pytest.mark.parametrize("index, case", list(enumerate(CASES)), ids=[str(c) for c in CASES])
-def test_matches_both_references(index: int, case: Case) -> None:
+def test_matches_both_references(index: int, case: Case, strategy: str) -> None:
     x, weight, attention, bias = make_tensors(case, seed=index)
-    out = dynamic_conv2d(x, weight, attention, bias, **conv_kwargs(case))
+    out = dynamic_conv2d(x, weight, attention, bias, **conv_kwargs(case), strategy=strategy)
     expected = per_sample_conv2d(x, weight, attention, bias, **conv_kwargs(case))
     assert out.shape == expected.shape and out.dtype == case.dtype
     torch.testing.assert_close(out, expected, **TOLERANCE[case.dtype])
     expected = kernel_sum_conv2d(x, weight, attention, bias, **conv_kwargs(case))
     torch.testing.assert_close(out, expected, **TOLERANCE[case.dtype])
+    # The output keeps the input's memory format, as F.conv2d's does.
+    assert out.is_contiguous(memory_format=torch.channels_last if case.channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 @pytest.mark.parametrize("groups", [1, 2])
-def test_batch_of_one_is_a_plain_conv_with_the_mixed_kernel(groups: int) -> None:
+def test_batch_of_one_is_a_plain_conv_with_the_mixed_kernel(groups: int, strategy: str) -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, 4, 7, 7, generator=gen, dtype=torch.float64)
     weight = torch.randn(3, 6, 4 // groups, 3, 3, generator=gen, dtype=torch.float64)
     bias = torch.randn(3, 6, generator=gen, dtype=torch.float64)
     pi = torch.softmax(torch.randn(1, 3, generator=gen, dtype=torch.float64), dim=1)
-    mixed_weight = sum(pi[0, k] * weight[k] for k in range(3))
-    mixed_bias = sum(pi[0, k] * bias[k] for k in range(3))
+    mixed_weight = sum(pi[0, j] * weight[j] for j in range(3))
+    mixed_bias = sum(pi[0, j] * bias[j] for j in range(3))
     expected = F.conv2d(x, mixed_weight, mixed_bias, stride=2, padding=1, groups=groups)
-    out = dynamic_conv2d(x, weight, pi, bias, stride=2, padding=1, groups=groups)
+    out = dynamic_conv2d(x, weight, pi, bias, stride=2, padding=1, groups=groups, strategy=strategy)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -159,13 +170,15 @@ GRADCHECK_CASES = [
     (2, 4, 4, 3, 2, (3, 3), 5, 5, {"stride": 2, "padding": 1}, True),
     (3, 3, 6, 2, 3, (2, 3), 5, 4, {"padding": "same", "dilation": (2, 1)}, True),
     (2, 2, 3, 2, 1, (3, 1), 6, 4, {"stride": (2, 1), "padding": (1, 0)}, False),
-    (9, 2, 2, 2, 1, (3, 3), 4, 4, {"padding": 1}, True),  # a batch above 8, in case the core slices it
+    (9, 2, 2, 2, 1, (3, 3), 4, 4, {"padding": 1}, True),
 ]
 
 
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 @pytest.mark.parametrize("B, C, O, K, groups, kernel, H, W, conv, has_bias", GRADCHECK_CASES)
 def test_gradcheck(
-    B: int, C: int, O: int, K: int, groups: int, kernel: Tuple[int, int], H: int, W: int, conv: dict, has_bias: bool
+    B: int, C: int, O: int, K: int, groups: int, kernel: Tuple[int, int], H: int, W: int, conv: dict, has_bias: bool,
+    strategy: str,
 ) -> None:
     gen = torch.Generator().manual_seed(3)
     kw: dict[str, Any] = {"generator": gen, "dtype": torch.float64}
@@ -175,12 +188,16 @@ def test_gradcheck(
     bias = torch.randn(K, O, **kw).requires_grad_() if has_bias else None
 
     def f(x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor]) -> Tensor:
-        return dynamic_conv2d(x, weight, attention, bias, groups=groups, **conv)
+        return dynamic_conv2d(x, weight, attention, bias, groups=groups, **conv, strategy=strategy)
 
     assert torch.autograd.gradcheck(f, (x, weight, attention, bias))
+    # Channels_last input and gradients only for some inputs take other paths of the backward.
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: f(x, weight.detach(), attention, None), (x_cl,))
 
 
-def test_batch_independence() -> None:
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+def test_batch_independence(strategy: str) -> None:
     """Sample i's output never depends on sample j's input or attention row."""
     B = 10
     gen = torch.Generator().manual_seed(5)
@@ -189,7 +206,7 @@ def test_batch_independence() -> None:
     weight = torch.randn(3, 6, 2, 3, 3, **kw)
     attention = torch.randn(B, 3, **kw)
     bias = torch.randn(3, 6, **kw)
-    conv = {"stride": 2, "padding": 1, "groups": 2}
+    conv: dict[str, Any] = {"stride": 2, "padding": 1, "groups": 2, "strategy": strategy}
     out = dynamic_conv2d(x, weight, attention, bias, **conv)
     for j in range(B):
         x2, attention2 = x.clone(), attention.clone()
@@ -201,14 +218,15 @@ def test_batch_independence() -> None:
         torch.testing.assert_close(out2[others], out[others], rtol=0, atol=0)  # ...and nowhere else
 
 
-def test_batch_independence_of_gradients() -> None:
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+def test_batch_independence_of_gradients(strategy: str) -> None:
     """d out[i] / d x[j] and d out[i] / d attention[j] are exactly zero for j != i."""
     B = 10
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(B, 2, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2, 4, 2, 3, 3, generator=gen, dtype=torch.float64)
     attention = torch.randn(B, 2, generator=gen, dtype=torch.float64, requires_grad=True)
-    out = dynamic_conv2d(x, weight, attention, padding=1)
+    out = dynamic_conv2d(x, weight, attention, padding=1, strategy=strategy)
     for i in range(B):
         grad_x, grad_attention = torch.autograd.grad(out[i].sum(), (x, attention), retain_graph=True)
         for j in range(B):
@@ -216,6 +234,75 @@ def test_batch_independence_of_gradients() -> None:
                 assert grad_x[j].abs().sum() > 0 and grad_attention[j].abs().sum() > 0
             else:
                 assert torch.count_nonzero(grad_x[j]) == 0 and torch.count_nonzero(grad_attention[j]) == 0
+
+
+def bank(K: int, C: int, O: int, k: int = 3) -> Tensor:
+    """A kernel bank on the meta device: shapes and sizes without memory."""
+    return torch.empty(K, O, C, k, k, device="meta")
+
+
+@pytest.mark.parametrize(
+    "device, B, C, hw, expected",
+    [
+        # CPU: K-branch sum past 32 MiB of mixed weights when (K - 1) * H' * W' <= 256.
+        ("cpu", 32, 256, 7, "kernel_branches"),  # 72 MiB, 3 * 49 = 147
+        ("cpu", 1, 256, 7, "batch_as_groups"),  # 2.25 MiB
+        ("cpu", 14, 256, 7, "batch_as_groups"),  # 31.5 MiB: just under
+        ("cpu", 15, 256, 7, "kernel_branches"),  # 33.75 MiB: just over
+        ("cpu", 32, 128, 14, "batch_as_groups"),  # 18 MiB
+        ("cpu", 128, 128, 14, "batch_as_groups"),  # 72 MiB, but 3 * 196 = 588 > 256
+        # CUDA: past 64 MiB when (K - 1) * H' * W' <= 600.
+        ("cuda", 32, 256, 7, "kernel_branches"),  # 72 MiB
+        ("cuda", 128, 128, 14, "kernel_branches"),  # 72 MiB, 588
+        ("cuda", 256, 128, 28, "batch_as_groups"),  # 144 MiB, but 3 * 784 = 2352
+        ("cuda", 16, 256, 7, "batch_as_groups"),  # 36 MiB
+    ],
+)
+def test_dispatch_rule(device: str, B: int, C: int, hw: int, expected: str) -> None:
+    assert strategies.choose(device, B, bank(4, C, C), (hw, hw)) == expected
+
+
+def test_dynamic_conv2d_runs_the_strategy_the_rule_chooses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'auto' runs what :func:`strategies.choose` says, in the forward and the backward
+    (meta tensors: the deep layer's shapes without its memory or time)."""
+    ran: list[str] = []
+    for name, strategy in list(strategies.STRATEGIES.items()):
+
+        def record(forward: Any, name: str = name) -> Any:
+            return lambda *args: (ran.append(name), forward(*args))[1]
+
+        monkeypatch.setitem(strategies.STRATEGIES, name, strategies.Strategy(record(strategy.forward), strategy.backward))
+    for B, expected in ((32, "kernel_branches"), (1, "batch_as_groups")):
+        ran.clear()
+        x = torch.empty(B, 256, 7, 7, device="meta")
+        out = dynamic_conv2d(x, bank(4, 256, 256), torch.empty(B, 4, device="meta"), padding=1)
+        assert out.shape == (B, 256, 7, 7) and ran == [expected]
+
+
+def test_unbatched_input_is_one_sample() -> None:
+    case = CASES[3]
+    x, weight, attention, bias = make_tensors(case, seed=3)
+    out = dynamic_conv2d(x[1], weight, attention[1], bias, **conv_kwargs(case))
+    torch.testing.assert_close(out, dynamic_conv2d(x[1:2], weight, attention[1:2], bias, **conv_kwargs(case))[0])
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+def test_empty_batch_gives_an_empty_output_and_zero_gradients(strategy: str) -> None:
+    """As F.conv2d: B = 0 is no error; the bank's gradient is zero."""
+    args = valid_args()
+    x = torch.randn(0, 4, 6, 6, requires_grad=True)
+    weight, bias = args["weight"].requires_grad_(), args["bias"].requires_grad_()
+    out = dynamic_conv2d(x, weight, torch.randn(0, 3), bias, groups=2, strategy=strategy)
+    assert out.shape == (0, 6, 4, 4)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and not weight.grad.any() and not bias.grad.any()
+
+
+def test_numpy_integers_are_ints() -> None:
+    np = pytest.importorskip("numpy")
+    args = valid_args()
+    out = dynamic_conv2d(**{**args, "stride": np.int64(2), "padding": (np.int32(1), 1), "groups": np.int64(2)})
+    torch.testing.assert_close(out, dynamic_conv2d(**{**args, "stride": 2, "padding": 1}))
 
 
 def valid_args() -> dict[str, Any]:
@@ -237,12 +324,13 @@ def test_valid_args_are_valid() -> None:
 
 # name: (change to valid_args(), error type, regex of our message)
 BAD_ARGS: dict[str, Tuple[dict[str, Any], type, str]] = {
-    "3-D input": ({"x": torch.randn(4, 6, 6)}, ValueError, r"x must be 4-D \[B, C, H, W\], got 3-D"),
-    "empty batch": (
-        {"x": torch.randn(0, 4, 6, 6), "attention": torch.randn(0, 3)},
+    "2-D input": ({"x": torch.randn(4, 6)}, ValueError, r"x must be 4-D \[B, C, H, W\] or 3-D \[C, H, W\], got 2-D"),
+    "unbatched x, [B, K] attention": (
+        {"x": torch.randn(4, 6, 6)},
         ValueError,
-        r"x must hold at least one sample \(B >= 1\), got shape \(0, 4, 6, 6\)",
+        r"for unbatched x \[C, H, W\] attention must be 1-D \[K\], got shape \(2, 3\)",
     ),
+    "unknown strategy": ({"strategy": "fast"}, ValueError, r"strategy must be one of \('auto', .*\), got 'fast'"),
     "4-D weight": (
         {"weight": torch.randn(6, 2, 3, 3)},
         ValueError,
@@ -252,7 +340,7 @@ BAD_ARGS: dict[str, Tuple[dict[str, Any], type, str]] = {
     "groups not dividing O": (
         {"weight": torch.randn(3, 5, 2, 3, 3), "bias": None},
         ValueError,
-        r"groups=2 must divide out_channels O=5",
+        r"groups=2 must divide out_channels=5",
     ),
     "groups 0": ({"groups": 0}, ValueError, r"groups must be a positive int, got 0"),
     "groups float": ({"groups": 2.0}, ValueError, r"groups must be a positive int, got 2\.0"),

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from dyconv_teach.layers import DynamicConv2d, linear_temperature, set_temperature
+from dyconv_teach.layers import MIN_TEMPERATURE, DynamicConv2d, linear_temperature, set_temperature
 from dyconv_teach.reference import per_sample_conv2d
 
 
@@ -77,12 +77,23 @@ def test_last_attention_is_recorded_detached_and_silently(capsys: pytest.Capture
     assert capsys.readouterr() == ("", "")
 
 
-@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), -float("inf"), True, "2", None])
-def test_temperature_setter_rejects_bad_values(bad: Any) -> None:
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), True, "2", None])
+def test_temperature_setter_rejects_non_numbers(bad: Any) -> None:
     layer = make_layer(temperature=2.0)
-    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got "):
+    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0.001, got "):
         layer.temperature = bad
     assert layer.temperature == 2.0
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, 1e-40, 9e-4])
+def test_temperature_has_a_floor(bad: float) -> None:
+    """Below MIN_TEMPERATURE logits / tau overflow into NaN outputs; the setter says so instead."""
+    layer = make_layer(temperature=2.0)
+    with pytest.raises(ValueError, match=r"temperature must be >= 0.001 \(below it the routing is already one-hot"):
+        layer.temperature = bad
+    layer.temperature = MIN_TEMPERATURE
+    x = randn(3, 4, 6, 6) * 1e3
+    assert torch.isfinite(layer(x)).all() and torch.isfinite(layer.last_attention).all()
 
 
 def test_set_temperature_sets_every_layer_and_counts_them() -> None:
@@ -113,6 +124,7 @@ LAYER_CONFIGS = [
     {"stride": 2, "padding": 1, "temperature": 1.0},
     {"kernel_size": (3, 1), "padding": "same", "dilation": 2, "routing": "sigmoid"},
     {"groups": 4, "out_channels": 8, "stride": (2, 1), "padding": (0, 1), "reduction": 1},
+    {"kernel_size": (2, 3), "padding": "same", "padding_mode": "reflect"},
 ]
 
 
@@ -124,18 +136,19 @@ def test_layer_matches_per_sample_reference(config: dict[str, Any], channels_las
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     out = layer(x)
-    conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups}
-    expected = per_sample_conv2d(x, layer.weight, layer.attention(x), layer.bias, **conv)
+    padding = layer.padding
+    if layer.padding_mode != "zeros":  # as nn.Conv2d: pad in that mode, then convolve unpadded
+        x, padding = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), 0
+    conv = {"stride": layer.stride, "padding": padding, "dilation": layer.dilation, "groups": layer.groups}
+    expected = per_sample_conv2d(x, layer.bank, layer.last_attention, layer.bias, **conv)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_batch_of_one_is_a_plain_conv_with_the_mixed_kernel() -> None:
-    layer = make_layer(padding=1, temperature=1.0)
-    x = randn(1, 4, 7, 7)
-    pi = layer.attention(x)[0]
-    weight = sum(pi[k] * layer.weight[k] for k in range(layer.num_kernels))
-    bias = sum(pi[k] * layer.bias[k] for k in range(layer.num_kernels))
-    torch.testing.assert_close(layer(x), F.conv2d(x, weight, bias, padding=1, groups=2), rtol=1e-5, atol=1e-6)
+def test_bank_is_a_5d_view_of_the_4d_weight() -> None:
+    layer = make_layer(num_kernels=3)
+    assert layer.weight.shape == (3 * 6, 2, 3, 3) and layer.bank.shape == (3, 6, 2, 3, 3)
+    assert layer.bank.data_ptr() == layer.weight.data_ptr()
+    assert torch.equal(layer.bank[1], layer.weight[6:12])  # kernel j owns rows j*O .. j*O + O - 1
 
 
 def test_state_dict_round_trip_keeps_outputs_and_temperature() -> None:
@@ -152,6 +165,17 @@ def test_state_dict_round_trip_keeps_outputs_and_temperature() -> None:
     assert torch.equal(fresh(x), layer(x))
 
 
+def test_loads_a_checkpoint_with_the_old_5d_bank() -> None:
+    """dyconv_teach 0.1 saved the bank as ``weight`` [K, O, C/g, kH, kW]; such checkpoints still load."""
+    layer = make_layer(seed=0)
+    old = {**layer.state_dict(), "weight": layer.bank.detach().clone()}
+    assert old["weight"].dim() == 5
+    fresh = make_layer(seed=1)
+    fresh.load_state_dict(old)
+    x = randn(3, 4, 6, 6)
+    assert torch.equal(fresh(x), layer(x))
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_each_kernel_is_initialised_like_conv2d(groups: int) -> None:
     torch.manual_seed(0)
@@ -160,13 +184,13 @@ def test_each_kernel_is_initialised_like_conv2d(groups: int) -> None:
     # kaiming_uniform_(a=sqrt(5)) draws from U(-b, b) with b = sqrt(6 / ((1 + 5) * fan_in)) = 1 / sqrt(fan_in).
     bound = 1 / math.sqrt(8 // groups * 3 * 3)
     assert conv.weight.abs().max() <= bound and conv.bias.abs().max() <= bound
-    for k in range(4):
-        w, b = layer.weight[k].detach(), layer.bias[k].detach()
+    for j in range(4):
+        w, b = layer.bank[j].detach(), layer.bias[j].detach()
         assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound  # the whole range, not a narrower one
         assert b.abs().max() <= bound
         assert abs(w.std() / conv.weight.std() - 1) < 0.15
         assert abs(w.std() - bound / math.sqrt(3)) < 0.15 * bound / math.sqrt(3)
-    assert not torch.equal(layer.weight[0], layer.weight[1])  # K independent draws, not one copied
+    assert not torch.equal(layer.bank[0], layer.bank[1])  # K independent draws, not one copied
 
 
 def test_dtype_and_device_arguments() -> None:
@@ -183,6 +207,7 @@ CONV_ARGS = [
     ((3, 16, (3, 5)), {"stride": 2, "padding": 1}),
     ((4, 8, 3), {"padding": "same", "dilation": 2, "groups": 2, "bias": False}),
     ((4, 8, 1), {"stride": (2, 1), "padding": (1, 2), "groups": 4}),
+    ((4, 8, 3), {"padding": 1, "padding_mode": "circular"}),
 ]
 
 
@@ -193,7 +218,6 @@ def test_extra_repr_mirrors_conv2d(args: tuple, kwargs: dict[str, Any]) -> None:
 
 
 def test_extra_repr_shows_non_default_arguments_only() -> None:
-    assert repr(nn.Conv2d(3, 16, 3)) == "Conv2d(3, 16, kernel_size=(3, 3), stride=(1, 1))"
     default = "3, 16, kernel_size=(3, 3), stride=(1, 1), num_kernels=4, temperature=30.0"
     assert DynamicConv2d(3, 16, 3).extra_repr() == default
     layer = DynamicConv2d(3, 16, 3, num_kernels=2, reduction=2, temperature=1, routing="sigmoid")
@@ -221,20 +245,17 @@ def test_works_inside_sequential_with_backward() -> None:
         assert grads[name].abs().sum() > 0, name
 
 
+# The layer's own arguments; stride, padding, dilation and groups go through the
+# validator that tests/test_functional.py covers (one row shows the layer uses it).
 BAD_LAYER_ARGS = [
     ({"num_kernels": 0}, r"num_kernels \(K\) must be a positive int, got 0"),
-    ({"temperature": 0}, r"temperature must be a finite number > 0, got 0"),
-    ({"temperature": -1.0}, r"temperature must be a finite number > 0, got -1\.0"),
+    ({"temperature": 0}, r"temperature must be >= 0.001 .*got 0"),
     ({"routing": "foo"}, r"routing must be 'softmax' or 'sigmoid', got 'foo'"),
+    ({"padding_mode": "mirror"}, r"padding_mode must be one of \('zeros', 'reflect', 'replicate', 'circular'\), got 'mirror'"),
     ({"reduction": 0}, r"reduction must be a positive int, got 0"),
     ({"in_channels": 0}, r"in_channels must be a positive int, got 0"),
     ({"out_channels": True}, r"out_channels must be a positive int, got True"),
-    ({"groups": 3, "out_channels": 6}, r"groups=3 must divide in_channels=4"),
     ({"out_channels": 5}, r"groups=2 must divide out_channels=5"),
-    ({"padding": "same", "stride": 2}, r"padding='same' needs stride=1 .*got stride=2"),
-    ({"padding": "full"}, r"padding must be 'same', 'valid', an int or a pair, got 'full'"),
-    ({"padding": -1}, r"padding must be >= 0, got -1"),
-    ({"stride": 0}, r"stride must be >= 1, got 0"),
     ({"kernel_size": 0}, r"kernel_size must be >= 1, got 0"),
     ({"kernel_size": 1.5}, r"kernel_size must be an int or a pair of ints, got 1\.5"),
 ]
@@ -247,14 +268,14 @@ def test_bad_constructor_arguments_raise(change: dict[str, Any], message: str) -
 
 
 BAD_INPUTS = [
-    (randn(4, 6, 6), ValueError, r"expects 4-D input \[B, C, H, W\], got shape \(4, 6, 6\)"),
+    (randn(4, 6), ValueError, r"expects \[B, C, H, W\] or \[C, H, W\] input, got shape \(4, 6\)"),
     (randn(2, 3, 6, 6), ValueError, r"expects in_channels=4, got input of shape \(2, 3, 6, 6\)"),
     (randn(2, 4, 6, 6, dtype=torch.float64), TypeError, r"input is torch.float64 on cpu but the layer is torch.float32"),
     (torch.ones(2, 4, 6, 6, dtype=torch.int64), TypeError, r"input is torch.int64 on cpu but the layer is torch.float32"),
 ]
 
 
-@pytest.mark.parametrize("x, error, message", BAD_INPUTS, ids=["3-D", "channels", "float64", "int64"])
+@pytest.mark.parametrize("x, error, message", BAD_INPUTS, ids=["2-D", "channels", "float64", "int64"])
 def test_bad_inputs_raise(x: Tensor, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         make_layer()(x)

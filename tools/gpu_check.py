@@ -1,0 +1,226 @@
+"""Every check and measurement of dyconv_teach that needs a GPU, in one run.
+
+    python tools/gpu_check.py OUTDIR [--budget SECONDS]
+
+GPU time is short and rare here, so one script does it all and writes what it found
+to ``OUTDIR/gpu-<device>-<date>.csv`` (one row per check or timing, with the device,
+torch version and date on every row) and a log of what it printed:
+
+1. correctness on CUDA of every strategy of the core (float64 against the per-sample
+   loop, values and all four gradients) and a gradcheck;
+2. ``DynamicConv2d`` under ``torch.autocast`` (bfloat16, float16) with a low-precision
+   input: output dtype, error against float32, finite float32 gradients;
+3. ``torch.compile(fullgraph=True, dynamic=True)`` over several batch sizes: results
+   against eager and the number of compilations;
+4. the benchmark sweep (``dyconv_teach.bench.run_sweep``) in float32 and in bfloat16
+   channels_last, B in {1, 32, 128};
+5. one training step of ResNet-18 (``bench.resnet18``), static and with dynamic 3x3
+   convolutions for every strategy, float32 and bfloat16 autocast, eager (and compiled
+   while the time budget lasts).
+
+Parts past ``--budget`` seconds are skipped and say so, so the run ends in its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dyconv_teach import DynamicConv2d, bench, dynamic_conv2d  # noqa: E402
+from dyconv_teach.functional import STRATEGY_NAMES  # noqa: E402
+from dyconv_teach.reference import per_sample_conv2d  # noqa: E402
+
+ROWS: List[Dict[str, Any]] = []
+START = time.time()
+# --cpu-smoke replaces these to try the whole script on a CPU at toy sizes before a GPU run.
+DEVICE = "cuda"
+SWEEP: Dict[str, Any] = {"cells": bench.SWEEP_CELLS, "batches": bench.SWEEP_BATCHES["cuda"], "repeats": 20}
+RESNET: Dict[str, int] = {"batch": 256, "size": 224, "repeats": 10}
+
+
+def record(part: str, **fields: Any) -> None:
+    row = {"part": part, **fields}
+    ROWS.append(row)
+    print(json.dumps(row, default=str), flush=True)
+
+
+def guarded(part: str, fn: Callable[[], None]) -> None:
+    """Run one part; an exception is recorded as that part's failure and the run goes on."""
+    t0 = time.time()
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - a failed part must not cost the other parts
+        record(part, ok=False, error=f"{type(exc).__name__}: {exc}"[:500], trace=traceback.format_exc()[-1500:])
+    record(part + "_seconds", value=round(time.time() - t0, 1))
+
+
+def correctness() -> None:
+    dev = DEVICE
+    gen = torch.Generator().manual_seed(0)
+    cases = [  # B, C, O, K, groups, kernel, H, W, conv
+        (3, 4, 6, 3, 2, (3, 3), 9, 8, {"stride": 2, "padding": 1}),
+        (5, 6, 6, 4, 1, (3, 2), 7, 7, {"padding": "same", "dilation": (2, 1)}),
+        (33, 8, 8, 4, 4, (3, 3), 6, 6, {"padding": 1}),
+        (1, 5, 3, 2, 1, (1, 1), 4, 5, {}),
+    ]
+    for strategy in STRATEGY_NAMES:
+        worst = 0.0
+        for B, C, O, K, g, kernel, H, W, conv in cases:
+            kw: Dict[str, Any] = {"generator": gen, "dtype": torch.float64}
+            tensors = [torch.randn(B, C, H, W, **kw), torch.randn(K, O, C // g, *kernel, **kw),
+                       torch.randn(B, K, **kw), torch.randn(K, O, **kw)]
+            for channels_last in (False, True):
+                args = [t.to(dev).requires_grad_() for t in tensors]
+                if channels_last:
+                    args[0] = args[0].detach().to(memory_format=torch.channels_last).requires_grad_()
+                out = dynamic_conv2d(*args, groups=g, **conv, strategy=strategy)
+                ref = per_sample_conv2d(*args, groups=g, **conv)
+                grad = torch.randn_like(ref)
+                got = torch.autograd.grad(out, args, grad)
+                want = torch.autograd.grad(ref, args, grad)
+                worst = max(worst, (out - ref).abs().max().item(), *((a - b).abs().max().item() for a, b in zip(got, want)))
+        record("correctness_f64", strategy=strategy, worst_abs_err=worst, ok=worst < 1e-9)
+        x = torch.randn(2, 4, 5, 5, dtype=torch.float64, device=dev, requires_grad=True)
+        w = torch.randn(3, 4, 2, 3, 3, dtype=torch.float64, device=dev, requires_grad=True)
+        a = torch.randn(2, 3, dtype=torch.float64, device=dev, requires_grad=True)
+        b = torch.randn(3, 4, dtype=torch.float64, device=dev, requires_grad=True)
+        ok = torch.autograd.gradcheck(lambda *t: dynamic_conv2d(*t, padding=1, groups=2, strategy=strategy), (x, w, a, b))
+        record("gradcheck", strategy=strategy, ok=bool(ok))
+
+
+def amp() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          DynamicConv2d(32, 64, 3, padding=1), nn.ReLU(), DynamicConv2d(64, 64, 3, stride=2, groups=2))
+    model = model.to(DEVICE).to(memory_format=torch.channels_last)
+    x = torch.randn(16, 3, 32, 32, device=DEVICE).to(memory_format=torch.channels_last)
+    reference = model(x)
+    for dtype in (torch.bfloat16, torch.float16):
+        model.zero_grad()
+        with torch.autocast(DEVICE, dtype=dtype):
+            out = model(x)
+        rel = ((out.float() - reference).norm() / reference.norm()).item()
+        out.float().square().mean().backward()
+        grads_ok = all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+                       for p in model.parameters())
+        record("amp", dtype=str(dtype), out_dtype=str(out.dtype), rel_err_vs_fp32=rel,
+               channels_last_out=out.is_contiguous(memory_format=torch.channels_last),
+               ok=out.dtype == dtype and rel < 0.05 and grads_ok)
+
+
+def compile_dynamic() -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), DynamicConv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          DynamicConv2d(32, 32, 3, stride=2)).to(DEVICE)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    worst, counts = 0.0, []
+    for B in (2, 3, 5, 8, 13):  # nn.Conv2d's own fake convolution guards at B = 16 on the CPU
+        x = torch.randn(B, 3, 24, 24, device=DEVICE, requires_grad=True)
+        out = compiled(x)
+        worst = max(worst, (out - model(x)).abs().max().item())
+        out.sum().backward()
+        counts.append(counter.frame_count)
+    record("compile_dynamic", compilations_after_each_batch=counts, max_abs_err=worst,
+           ok=worst < 1e-3 and counts[-1] == counts[0])
+
+
+def sweep() -> None:
+    for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, True)):
+        rows = bench.run_sweep(SWEEP["cells"], SWEEP["batches"], repeats=SWEEP["repeats"], device=DEVICE, dtype=dtype,
+                               channels_last=channels_last)
+        print(bench.format_report(rows), flush=True)
+        for row in rows:
+            for name, seconds in row.seconds.items():
+                record("sweep", dtype=str(dtype), channels_last=channels_last, C=row.C, HW=row.HW, B=row.B,
+                       strategy=name, ms=round(seconds * 1e3, 4), ratio=round(row.ratio(name), 3),
+                       peak_MiB=round(row.peak_bytes.get(name, 0) / 2**20, 2))
+
+
+def resnet(budget: float) -> None:
+    """Every variant eagerly in float32 and bfloat16 autocast, then compiled under bfloat16
+    (static first, then each dynamic variant) while the budget lasts."""
+    variants = [("static", False, "auto")] + [(f"dynamic {s}", True, s) for s in STRATEGY_NAMES]
+    runs = [(v, False, amp) for v in variants for amp in (None, torch.bfloat16)]
+    runs += [(v, True, torch.bfloat16) for v in variants]
+    for (label, dynamic, strategy), compiled, amp_dtype in runs:
+        if time.time() - START > budget:
+            record("resnet18_step", model=label, compiled=compiled, amp=str(amp_dtype), skipped="time budget")
+            continue
+        torch.manual_seed(0)
+        model = bench.resnet18(dynamic, strategy=strategy)
+        if compiled:
+            model = torch.compile(model)
+        t0 = time.time()
+        try:
+            ms = bench.time_train_step(model, RESNET["batch"], RESNET["size"], amp_dtype, RESNET["repeats"], DEVICE) * 1e3
+            peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+            record("resnet18_step", model=label, compiled=compiled, amp=str(amp_dtype), B=RESNET["batch"],
+                   ms=round(ms, 2), peak_GiB=round(peak, 2), wall_s=round(time.time() - t0, 1))
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for one variant
+            record("resnet18_step", model=label, compiled=compiled, amp=str(amp_dtype),
+                   error=f"{type(exc).__name__}: {exc}"[:300])
+        del model
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds after which optional parts are skipped")
+    parser.add_argument("--parts", default="correctness,amp,compile,sweep,resnet")
+    parser.add_argument("--cpu-smoke", action="store_true", help="run every part on the CPU at toy sizes")
+    args = parser.parse_args()
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    global DEVICE
+    if args.cpu_smoke:
+        DEVICE = "cpu"
+        SWEEP.update(cells=bench.QUICK_CELLS, batches=(1, 3), repeats=1)
+        RESNET.update(batch=2, size=32, repeats=1)
+        device = "cpu-smoke"
+    else:
+        assert torch.cuda.is_available(), "no CUDA device"
+        torch.backends.cudnn.benchmark = True
+        device = torch.cuda.get_device_name()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    record("env", device=device, torch=torch.__version__, cuda=torch.version.cuda, triton=triton_version,
+           strategies=list(STRATEGY_NAMES))
+    parts = args.parts.split(",")
+    for name, fn in (("correctness", correctness), ("amp", amp), ("compile", compile_dynamic), ("sweep", sweep),
+                     ("resnet", lambda: resnet(args.budget))):
+        if name in parts:
+            guarded(name, fn)
+    date = datetime.date.today().isoformat()
+    path = args.outdir / f"gpu-{device.replace(' ', '_')}-{date}.csv"
+    fields = ["device", "torch", "date"] + sorted({k for row in ROWS for k in row})
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in ROWS:
+            writer.writerow({"device": device, "torch": torch.__version__, "date": date, **row})
+    print(f"wrote {path} ({len(ROWS)} rows) in {time.time() - START:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from . import strategies
 from ._utils import IntPair, Padding, autocast_dtype, check_conv_args, output_size, positive_int, same_padding
@@ -134,6 +135,32 @@ def _autograd_backward(ctx, grad, _grad_saved):  # type: ignore[no-untyped-def]
 
 
 _op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# torch.utils.flop_counter counts what the computation needs, whatever strategy runs it:
+# one convolution per sample with its mixed kernel, plus the mixing [B, K] @ [K, O*C/g*kH*kW].
+def _conv_and_mix_flops(x_shape: Sequence[int], weight_shape: Sequence[int], out_hw: Sequence[int]) -> Tuple[int, int]:
+    B = x_shape[0]
+    K, O, c, kh, kw = weight_shape
+    return 2 * B * O * c * kh * kw * out_hw[0] * out_hw[1], 2 * B * K * O * c * kh * kw
+
+
+@register_flop_formula(torch.ops.dyconv_teach.dynamic_conv2d)
+def _forward_flops(x_shape, weight_shape, *args, out_shape, **kwargs) -> int:  # type: ignore[no-untyped-def]
+    conv, mix = _conv_and_mix_flops(x_shape, weight_shape, out_shape[0][2:])
+    return conv + mix
+
+
+@register_flop_formula(torch.ops.dyconv_teach.dynamic_conv2d_backward)
+def _backward_flops(grad_shape, x_shape, weight_shape, *args, out_shape, **kwargs) -> int:  # type: ignore[no-untyped-def]
+    need_x, need_w, need_a, _ = args[-1]
+    conv, mix = _conv_and_mix_flops(x_shape, weight_shape, grad_shape[2:])
+    # A convolution for the input gradient and one for the per-sample weight gradient; the
+    # mixed kernels are rebuilt (one mix), and the per-sample weight gradient goes back
+    # through the mixing to the bank and to the attention (one mix each).
+    convs = need_x + (need_w or need_a)
+    mixes = (need_x or need_w or need_a) + need_w + need_a
+    return int(convs * conv + mixes * mix)
 
 
 # -- the public function ------------------------------------------------------------------------

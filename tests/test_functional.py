@@ -438,3 +438,24 @@ def test_device_mismatch(name: str) -> None:
         expected = f"{name} is on device meta but x is on cpu"
     with pytest.raises(ValueError, match=expected):
         dynamic_conv2d(**args)
+
+
+def test_flop_counter_counts_one_convolution_per_sample_and_the_mixing() -> None:
+    """torch.utils.flop_counter sees the operator as one call; its formula counts what the
+    computation needs (a static convolution's FLOPs, plus the mixing), for every strategy."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    weight = torch.randn(3, 6, 4, 3, 3, requires_grad=True)
+    attention = torch.randn(2, 3, requires_grad=True)
+    mix = 2 * 2 * 3 * 6 * 4 * 3 * 3  # [B, K] @ [K, O*C*k*k]
+    for strategy in STRATEGY_NAMES:
+        with FlopCounterMode(display=False) as dynamic:
+            out = dynamic_conv2d(x, weight, attention, padding=1, strategy=strategy)
+            forward = dynamic.get_total_flops()
+            out.sum().backward()
+        with FlopCounterMode(display=False) as static:
+            F.conv2d(x, weight[0], padding=1).sum().backward()
+        conv_forward = static.get_total_flops() // 3  # forward, input and weight gradients
+        assert forward == conv_forward + mix
+        assert dynamic.get_total_flops() == 3 * conv_forward + 4 * mix

@@ -76,7 +76,7 @@ def static_conv2d(
     return F.conv2d(x, weight[0], None if bias is None else bias[0], **conv)  # type: ignore[arg-type]
 
 
-#: Name -> callable with the signature of :func:`dynamic_conv2d`. The first entry is
+#: Name -> callable with the signature of :func:`~dyconv_teach.functional.dynamic_conv2d`. The first entry is
 #: the static baseline every ratio is taken against; the second is the core, which
 #: picks one of the strategies that follow it per shape and device.
 STRATEGIES: Dict[str, DynamicConv2dFn] = {
@@ -387,7 +387,7 @@ class _BasicBlock(nn.Module):
 
 def resnet18(dynamic: bool = False, num_kernels: int = 4, num_classes: int = 1000, strategy: str = "auto") -> nn.Module:
     """ResNet-18 (He et al., 2016) as torchvision builds it; with ``dynamic=True`` every 3x3
-    convolution of the residual blocks is a :class:`DynamicConv2d` (the stem stays static,
+    convolution of the residual blocks is a :class:`~dyconv_teach.layers.DynamicConv2d` (the stem stays static,
     as in the paper's DY-ResNet). ``strategy`` is passed to those layers."""
 
     def conv(c_in: int, c_out: int, k: int, **kwargs: object) -> nn.Module:

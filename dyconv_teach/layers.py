@@ -67,7 +67,7 @@ class DynamicConv2d(nn.Module):
         num_kernels: ``K``, kernels in the bank (``K >= 1``).
         reduction: the attention branch's hidden width is
             ``max(in_channels // reduction, num_kernels)``.
-        temperature: ``tau >= MIN_TEMPERATURE``; logits are divided by it before the
+        temperature: ``tau >= MIN_TEMPERATURE`` (1e-3); logits are divided by it before the
             softmax. The paper anneals it from 30 to 1 over the first epochs; see
             :func:`linear_temperature` and :func:`set_temperature`.
         routing: ``'softmax'`` (DyConv, weights sum to 1) or ``'sigmoid'``
@@ -161,7 +161,7 @@ class DynamicConv2d(nn.Module):
 
     @property
     def temperature(self) -> float:
-        """Softmax/sigmoid temperature ``tau``; must stay >= :data:`MIN_TEMPERATURE`."""
+        """Softmax/sigmoid temperature ``tau``; must stay >= :data:`~dyconv_teach.layers.MIN_TEMPERATURE`."""
         return self._temperature
 
     @temperature.setter

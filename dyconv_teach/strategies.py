@@ -211,12 +211,11 @@ def mixed_weight_bytes(batch: int, weight: Tensor) -> int:
     return batch * weight[0].numel() * weight.element_size()
 
 
-# The thresholds of the rule below, per device type: the K-branch sum is chosen when
-# the mixed weights exceed BYTES and (K - 1) * H' * W' <= WORK (an output so small that
-# K - 1 extra static convolutions cost less than building and reading those weights).
-# CPU: torch 2.13, 2 threads (`python -m dyconv_teach.bench`); CUDA: an H200, torch 2.11
-# (/work/shared/measurements, reproduced with `python -m dyconv_teach.bench --device cuda`).
-# The measurements behind the numbers are in the README's "Benchmark" section.
+# The thresholds of the rule below, per device type: the K-branch sum is chosen when the
+# mixed weights exceed BYTES and (K - 1) * H' * W' <= WORK (an output so small that K - 1
+# extra static convolutions cost less than building and reading those weights). Measured
+# with `python -m dyconv_teach.bench` (CPU: torch 2.13, 2 threads; CUDA: an H200, torch
+# 2.11); the README's section "The measurements behind the dispatch rule" has the numbers.
 _K_BRANCH_RULE: Dict[str, Tuple[int, int]] = {
     "cpu": (32 * 2**20, 256),
     "cuda": (64 * 2**20, 600),

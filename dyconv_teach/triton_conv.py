@@ -83,6 +83,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
@@ -105,7 +106,20 @@ def _mix(w0, w1, bank_tile, pi_ptr, b0, j, NK: tl.constexpr, ok0, ok1, ACC: tl.c
     return w0, w1
 
 
-@triton.jit
+# Sizes that vary from layer to layer are not specialised on (divisibility by 16, equality
+# to 1), so that the layers of a network share compiled kernels; channel counts and
+# strides are, since they decide how wide the loads can be.
+_GEOMETRY = ["B", "H", "W", "OH", "OW", "HQ", "WQ", "M_SIZE", "GROUPS", "CHUNK", "KW", "NTAPS",
+             "SH", "SW", "PH", "PW", "DH", "DW"]
+
+
+def _jit(fn: Any) -> Any:
+    """``triton.jit`` without specialisation on the geometry arguments that ``fn`` has."""
+    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[n for n in _GEOMETRY if n in names])
+
+
+@_jit
 def _forward_kernel(
     x_ptr, bank_ptr, pi_ptr, beff_ptr, out_ptr,
     B, H, W, OH, OW, M_SIZE, CG, OG, O, GROUPS,
@@ -183,7 +197,7 @@ def _forward_kernel(
                  mask=m_ok1[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@_jit
 def _input_grad_kernel(
     g_ptr, bank_ptr, pi_ptr, taps_ptr, ntaps_ptr, dx_ptr,
     B, H, W, OH, OW, HQ, WQ, M_SIZE, CG, OG, O, GROUPS,
@@ -259,7 +273,7 @@ def _input_grad_kernel(
                  mask=m_ok1[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@_jit
 def _bank_grad_kernel(
     x_ptr, g_ptr, bank_ptr, pi_ptr, gbank_ptr, gpi_ptr,
     B, H, W, OH, OW, M_SIZE, CG, OG, O, GROUPS, CHUNK,
@@ -353,7 +367,8 @@ _INTERPRETER_META: Dict[str, Dict[str, int]] = {
 # Tiles tried on a GPU (written for H100/H200). Forward and input gradient:
 # (BLOCK_M, BLOCK_N, BLOCK_K, SAMPLES, warps, stages). Large maps want many rows per
 # program (fewer bank re-reads per multiply-add); small maps (7x7, 14x14) want
-# SAMPLES = 2, which reads each bank tile once for two samples.
+# SAMPLES = 2, which reads each bank tile once for two samples. The last tile is for
+# float64 alone, whose tiles take twice the shared memory.
 _GEMM_TILES = [
     (128, 128, 32, 1, 8, 3),
     (128, 64, 32, 1, 4, 3),
@@ -362,25 +377,34 @@ _GEMM_TILES = [
     (64, 64, 32, 1, 4, 4),
     (64, 64, 32, 2, 4, 3),
     (64, 128, 32, 2, 8, 3),
+    (32, 32, 16, 1, 4, 2),
 ]
 # Bank gradient: (BLOCK_O, BLOCK_R, BLOCK_P, warps, stages). The K accumulators
 # [K, BLOCK_O, BLOCK_R] and the bank tile stay in registers, hence modest tiles.
+# The last tile again for float64 alone.
 _BANK_GRAD_TILES = [
     (64, 64, 32, 8, 3),
-    (64, 32, 64, 4, 3),
-    (32, 64, 64, 4, 3),
+    (64, 32, 64, 8, 3),
+    (32, 64, 64, 8, 3),
+    (128, 32, 32, 8, 3),
     (32, 32, 64, 4, 3),
+    (32, 32, 32, 4, 2),
 ]
 
 
-def _gemm_pruner(n_arg: str) -> Any:
-    """Drop tiles much larger than the layer: rows past a sample's pixels, columns past the channels."""
+def _pruner(n_arg: Optional[str]) -> Any:
+    """Configs to try: the float64 tile for float64; else the others, without tiles much larger
+    than the layer (rows past a sample's pixels, columns past ``n_arg`` channels)."""
 
     def prune(configs: List[triton.Config], named_args: Dict[str, Any], **kwargs: Any) -> List[triton.Config]:
+        if any(isinstance(v, Tensor) and v.dtype == torch.float64 for v in named_args.values()):
+            return configs[-1:]
+        configs = configs[:-1]
+        if n_arg is None:
+            return configs
         m_cap = max(64, triton.next_power_of_2(named_args["M_SIZE"]))
         n_cap = max(64, triton.next_power_of_2(named_args[n_arg]))
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
-        return kept or configs[-1:]
+        return [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
 
     return prune
 
@@ -394,22 +418,23 @@ _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SAMPLES": s}, num_warps=w, num_stages=st)
     for m, n, k, s, w, st in _GEMM_TILES
 ]
+_GEMM_KEY = ["B", "M_SIZE", "CG", "OG", "NTAPS", "GROUPS", "NK"]
 _TUNED = {
     "forward": triton.autotune(
-        configs=_GEMM_CONFIGS, key=["B", "M_SIZE", "CG", "OG", "NTAPS", "GROUPS", "NK"],
-        prune_configs_by={"early_config_prune": _gemm_pruner("OG")}, do_bench=_quick_bench,
+        configs=_GEMM_CONFIGS, key=_GEMM_KEY, prune_configs_by={"early_config_prune": _pruner("OG")},
+        do_bench=_quick_bench,
     )(_forward_kernel),
     "input_grad": triton.autotune(
-        configs=_GEMM_CONFIGS, key=["B", "M_SIZE", "CG", "OG", "NTAPS", "GROUPS", "NK"],
-        prune_configs_by={"early_config_prune": _gemm_pruner("CG")}, do_bench=_quick_bench,
+        configs=_GEMM_CONFIGS, key=_GEMM_KEY, prune_configs_by={"early_config_prune": _pruner("CG")},
+        do_bench=_quick_bench,
     )(_input_grad_kernel),
     "bank_grad": triton.autotune(
         configs=[
             triton.Config({"BLOCK_O": o, "BLOCK_R": r, "BLOCK_P": p}, num_warps=w, num_stages=st)
             for o, r, p, w, st in _BANK_GRAD_TILES
         ],
-        key=["B", "M_SIZE", "CG", "OG", "NTAPS", "GROUPS", "NK", "CHUNK", "NEED_BANK", "NEED_PI"],
-        # Tiles of another config leave other slots of the attention partials written.
+        key=[*_GEMM_KEY, "CHUNK", "NEED_BANK", "NEED_PI"], prune_configs_by={"early_config_prune": _pruner(None)},
+        # A config with smaller tiles writes attention-partial slots that another leaves alone.
         reset_to_zero=["gpi_ptr"], do_bench=_quick_bench,
     )(_bank_grad_kernel),
 }
@@ -527,6 +552,12 @@ def _precision(x: Tensor) -> Dict[str, Any]:
     return {"ACC": _TL_DTYPES[_acc_dtype(x.dtype)], "DOT": dot, "PREC": "tf32" if tf32 else "ieee"}
 
 
+def _nhwc(t: Tensor) -> Tensor:
+    """``t`` in channels_last layout (no copy if it is already): the kernels reduce over
+    channels, and contiguous channels let them load whole vectors."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def _bank_layout(weight: Tensor) -> Tensor:
     """The bank as the kernels read it: ``[K, kH*kW, C/g, O]``, output channel fastest."""
     K, O, CG, KH, KW = weight.shape
@@ -588,6 +619,7 @@ def fused_forward(
         return out
     pi = attention.contiguous()
     b_eff = out if bias is None else (pi.to(_acc_dtype(x.dtype)) @ bias.to(_acc_dtype(x.dtype))).contiguous()
+    x = _nhwc(x)
     args = (x, _bank_layout(weight), pi, b_eff, out,
             s.B, s.H, s.W, s.OH, s.OW, s.OH * s.OW, s.CG, s.OG, s.O, s.groups,
             *x.stride(), *out.stride(), *_geometry(s))
@@ -621,7 +653,9 @@ def fused_backward(
     need_bias = need_bias and bias is not None
     acc = _acc_dtype(x.dtype)
     pi = attention.contiguous()
-    grad_x = _input_grad(grad_out, weight, pi, s, _memory_format(x)) if need_x else None
+    memory_format = _memory_format(x)
+    x, grad_out = _nhwc(x), _nhwc(grad_out)
+    grad_x = _input_grad(grad_out, weight, pi, s, memory_format) if need_x else None
     grad_bank: Optional[Tensor] = None
     grad_pi: Optional[Tensor] = None
     if need_bank or need_pi:
@@ -638,7 +672,8 @@ def fused_backward(
 
 
 def _input_grad(grad_out: Tensor, weight: Tensor, pi: Tensor, s: _Conv, memory_format: torch.memory_format) -> Tensor:
-    """``grad_x``: the transposed convolution of each ``grad_out[b]`` with its mixed kernel ``W_b``."""
+    """``grad_x`` (in ``memory_format``): the transposed convolution of each ``grad_out[b]``
+    (channels_last) with its mixed kernel ``W_b``."""
     grad_x = torch.empty((s.B, s.C, s.H, s.W), dtype=grad_out.dtype, device=grad_out.device,
                          memory_format=memory_format)
     if s.B == 0:
@@ -663,7 +698,7 @@ def _bank_and_attention_grads(
     chunk: Optional[int] = None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """``grad_bank[j] = sum_b pi[b, j] dW_b`` and ``grad_pi[b, j] = <dW_b, Bank_j>`` (without the
-    bias term), in the accumulator dtype. ``chunk`` samples share a program (default: enough
+    bias term), in the accumulator dtype, from channels_last ``x`` and ``grad_out``. ``chunk`` samples share a program (default: enough
     chunks that tiles times chunks cover twice the GPU's multiprocessors)."""
     acc = _acc_dtype(x.dtype)
     n_taps = s.KH * s.KW

@@ -442,7 +442,12 @@ _RAW = {"forward": _forward_kernel, "input_grad": _input_grad_kernel, "bank_grad
 
 
 def _launch(name: str, grid: Any, args: Sequence[Any], constexprs: Dict[str, Any]) -> None:
-    """Run kernel ``name``: autotuned when compiled, with the fixed small tiles under the interpreter."""
+    """Run kernel ``name``: autotuned when compiled, with the fixed small tiles under the interpreter.
+    (tools/check_triton_compile.py replaces this function to collect the launches.)"""
+    device = args[0].device
+    if device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(f"the tensors are on {device}: the fused kernels run on CUDA tensors, or on CPU tensors "
+                         f"under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)")
     if _INTERPRETED:
         _RAW[name][grid](*args, **constexprs, **_INTERPRETER_META[name])
     else:
@@ -519,9 +524,6 @@ def _check(
     for name, t in (("weight", weight), ("attention", attention), ("bias", bias)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise TypeError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; they must match")
-    if x.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"x is on {x.device}: the fused kernels run on CUDA tensors, or on CPU tensors under "
-                         f"Triton's interpreter (set TRITON_INTERPRET=1 before importing dyconv_teach.triton_conv)")
     OH, OW = (output_size(size, k, s, p, d) for size, k, s, p, d in zip((H, W), (KH, KW), stride_, padding_,
                                                                           dilation_))
     if OH < 1 or OW < 1:
@@ -654,12 +656,12 @@ def fused_backward(
     acc = _acc_dtype(x.dtype)
     pi = attention.contiguous()
     memory_format = _memory_format(x)
-    x, grad_out = _nhwc(x), _nhwc(grad_out)
-    grad_x = _input_grad(grad_out, weight, pi, s, memory_format) if need_x else None
+    x, grad_out, bank = _nhwc(x), _nhwc(grad_out), _bank_layout(weight)
+    grad_x = _input_grad(grad_out, bank, pi, s, memory_format) if need_x else None
     grad_bank: Optional[Tensor] = None
     grad_pi: Optional[Tensor] = None
     if need_bank or need_pi:
-        grad_bank, grad_pi = _bank_and_attention_grads(grad_out, x, weight, pi, s, need_bank, need_pi)
+        grad_bank, grad_pi = _bank_and_attention_grads(grad_out, x, bank, pi, s, need_bank, need_pi)
     grad_bias = None
     if bias is not None and (need_pi or need_bias):
         g_sum = grad_out.sum(dim=(2, 3), dtype=acc)
@@ -671,9 +673,9 @@ def fused_backward(
             None if grad_pi is None else grad_pi.to(x.dtype), grad_bias)
 
 
-def _input_grad(grad_out: Tensor, weight: Tensor, pi: Tensor, s: _Conv, memory_format: torch.memory_format) -> Tensor:
+def _input_grad(grad_out: Tensor, bank: Tensor, pi: Tensor, s: _Conv, memory_format: torch.memory_format) -> Tensor:
     """``grad_x`` (in ``memory_format``): the transposed convolution of each ``grad_out[b]``
-    (channels_last) with its mixed kernel ``W_b``."""
+    (channels_last) with its mixed kernel ``W_b`` (``bank`` in :func:`_bank_layout`)."""
     grad_x = torch.empty((s.B, s.C, s.H, s.W), dtype=grad_out.dtype, device=grad_out.device,
                          memory_format=memory_format)
     if s.B == 0:
@@ -681,7 +683,7 @@ def _input_grad(grad_out: Tensor, weight: Tensor, pi: Tensor, s: _Conv, memory_f
     taps, n_taps = _phase_taps((s.KH, s.KW), s.stride, s.padding, s.dilation, grad_out.device)
     (sh, sw) = s.stride
     hq, wq = triton.cdiv(s.H, sh), triton.cdiv(s.W, sw)
-    args = (grad_out, _bank_layout(weight), pi, taps, n_taps, grad_x,
+    args = (grad_out, bank, pi, taps, n_taps, grad_x,
             s.B, s.H, s.W, s.OH, s.OW, hq, wq, hq * wq, s.CG, s.OG, s.O, s.groups,
             *grad_out.stride(), *grad_x.stride(), *_geometry(s))
 
@@ -694,16 +696,18 @@ def _input_grad(grad_out: Tensor, weight: Tensor, pi: Tensor, s: _Conv, memory_f
 
 
 def _bank_and_attention_grads(
-    grad_out: Tensor, x: Tensor, weight: Tensor, pi: Tensor, s: _Conv, need_bank: bool, need_pi: bool,
+    grad_out: Tensor, x: Tensor, bank: Tensor, pi: Tensor, s: _Conv, need_bank: bool, need_pi: bool,
     chunk: Optional[int] = None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """``grad_bank[j] = sum_b pi[b, j] dW_b`` and ``grad_pi[b, j] = <dW_b, Bank_j>`` (without the
-    bias term), in the accumulator dtype, from channels_last ``x`` and ``grad_out``. ``chunk`` samples share a program (default: enough
-    chunks that tiles times chunks cover twice the GPU's multiprocessors)."""
+    """``grad_bank[j] = sum_b pi[b, j] dW_b`` (shaped like the weight) and ``grad_pi[b, j] =
+    <dW_b, Bank_j>`` (without the bias term), in the accumulator dtype, from channels_last ``x``
+    and ``grad_out`` and ``bank`` in :func:`_bank_layout`. ``chunk`` samples share a program
+    (default: enough chunks that tiles times chunks cover twice the GPU's multiprocessors)."""
     acc = _acc_dtype(x.dtype)
     n_taps = s.KH * s.KW
+    weight_shape = (s.K, s.O, s.CG, s.KH, s.KW)
     if s.B == 0:
-        return (weight.new_zeros(weight.shape, dtype=acc) if need_bank else None,
+        return (x.new_zeros(weight_shape, dtype=acc) if need_bank else None,
                 pi.new_zeros((0, s.K), dtype=acc) if need_pi else None)
     slots = _bank_grad_tiles(s, largest=False)
     if chunk is None:
@@ -713,7 +717,7 @@ def _bank_and_attention_grads(
     dummy = x.new_empty(1, dtype=acc)
     bank_partial = x.new_empty((n_chunks, s.K, s.O, s.CG, n_taps), dtype=acc) if need_bank else dummy
     pi_partial = x.new_zeros((slots, s.B, s.K), dtype=acc) if need_pi else dummy
-    args = (x, grad_out, _bank_layout(weight), pi, bank_partial, pi_partial,
+    args = (x, grad_out, bank, pi, bank_partial, pi_partial,
             s.B, s.H, s.W, s.OH, s.OW, s.OH * s.OW, s.CG, s.OG, s.O, s.groups, chunk,
             *x.stride(), *grad_out.stride(), *_geometry(s))
 
@@ -724,5 +728,5 @@ def _bank_and_attention_grads(
     constexprs = {"NK": s.K, "NKP": triton.next_power_of_2(s.K), "NEED_BANK": need_bank, "NEED_PI": need_pi,
                   **_precision(x)}
     _launch("bank_grad", grid, args, constexprs)
-    grad_bank = bank_partial.sum(0).reshape(weight.shape) if need_bank else None
+    grad_bank = bank_partial.sum(0).reshape(weight_shape) if need_bank else None
     return grad_bank, pi_partial.sum(0) if need_pi else None

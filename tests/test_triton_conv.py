@@ -4,8 +4,10 @@ Without CUDA the kernels run on CPU tensors under Triton's interpreter, which co
 switches on (TRITON_INTERPRET=1) before triton is imported.
 """
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import pytest
@@ -198,7 +200,7 @@ def test_bank_gradient_is_the_same_for_any_batch_chunking(chunk: int) -> None:
     x, w, a, b = (t.detach() for t in _inputs(case, torch.float64))
     s = tc._check(x, w, a, b, *_conv_args(case))
     grad_out = torch.randn_like(tc.fused_forward(x, w, a, b, *_conv_args(case)))
-    got = tc._bank_and_attention_grads(grad_out, x, w, a, s, True, True, chunk=chunk)
+    got = tc._bank_and_attention_grads(grad_out, x, tc._bank_layout(w), a, s, True, True, chunk=chunk)
     want = _reference(*_inputs(case, torch.float64), case, grad_out)
     torch.testing.assert_close(got[0], want[2], rtol=1e-10, atol=1e-10)
     # grad_attention also has the bias term, which fused_backward adds.
@@ -250,6 +252,17 @@ def test_bad_backward_arguments_are_refused() -> None:
         tc.fused_backward(wrong, x, w, a, None, (1, 1), (0, 0), (1, 1), 1, (True, True, True, True))
     with pytest.raises(ValueError, match=r"output_mask must hold 4 bools"):
         tc.fused_backward(right, x, w, a, None, (1, 1), (0, 0), (1, 1), 1, (True, True))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU the other tests compile the kernels")
+def test_kernels_compile_for_hopper() -> None:
+    # The interpreter does not compile: this compiles a few tiles for sm_90a (H100/H200) with
+    # the ptxas in the triton wheel, in a process without TRITON_INTERPRET.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    tool = Path(__file__).resolve().parents[1] / "tools" / "check_triton_compile.py"
+    result = subprocess.run([sys.executable, str(tool), "--quick"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("regs") == 10, result.stdout
 
 
 def test_the_package_does_not_import_triton() -> None:

@@ -3,7 +3,8 @@ r"""Fused dynamic convolution in Triton: the per-sample kernels are never writte
 Needs the ``gpu`` extra (``pip install .[gpu]``, i.e. Triton). Nothing else in
 :mod:`dyconv_teach` imports this module. The kernels run on CUDA tensors, and
 on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before
-this module is imported), which is how the tests check them without a GPU.
+triton is first imported), which is how the tests check them without a GPU;
+the interpreter uses fixed small tiles (:data:`_INTERPRETER_META`).
 
 The picture: convolution as an implicit GEMM
 --------------------------------------------
@@ -31,14 +32,32 @@ cores: bf16/fp16, TF32 for float32 when ``torch.backends.cudnn.allow_tf32``,
 as cuDNN does; float32 accumulators, float64 for float64 input).
 
 Where the cost goes. A program mixes each weight element once per chunk and
-uses it for ``BLOCK_M`` pixels, so the mixing adds ``K / BLOCK_M`` FMAs per
-multiply-add, and it reads ``K`` bank tiles where a static convolution reads
-one. Deep layers are the hard case: a 7x7 map has only 49 pixels per sample,
-so ``BLOCK_M`` cannot usefully exceed 64. A program may therefore own
-``SAMPLES = 2`` samples: it loads each bank tile once and mixes it twice,
-halving the bank traffic per multiply-add. Large maps prefer ``BLOCK_M = 128``
-or ``256`` with one sample. ``triton.autotune`` picks among a few such tiles,
-keyed on the layer's shape.
+uses it for the ``BLOCK_M`` pixels of its tile, so mixing adds ``K / BLOCK_M``
+FMAs (on the ordinary cores) per tensor-core multiply-add, and the program
+reads ``K`` bank tiles where a static convolution reads one. Deep layers are
+the hard case: a 7x7 map has only 49 pixels per sample, so ``BLOCK_M`` cannot
+usefully exceed 64 and every sample re-reads the whole bank. A program may
+therefore own ``SAMPLES = 2`` samples: it loads each bank tile once and mixes
+it twice, halving the bank traffic per multiply-add. Large maps prefer
+``BLOCK_M = 128`` or ``256`` with one sample.
+
+Tiles. ``triton.autotune`` times a few tiles per layer shape and batch size
+(:data:`_GEMM_TILES`, :data:`_BANK_GRAD_TILES`), after dropping tiles much
+larger than the layer. They were chosen by compiling for sm_90a
+(``tools/check_triton_compile.py``): every one fits the shared memory of an
+H100 (at most 208 KiB, float32 with two samples) and compiles without spilling
+registers, though most use 230-255 of them per thread (the float32
+accumulators of a ``128 x 128`` tile alone take 64 per thread with 8 warps). The bank-gradient tiles are smaller
+because each program keeps ``2K + 1`` tiles of ``[BLOCK_O, BLOCK_R]`` values in
+registers. Which tile wins where is a measurement still to be made on a GPU.
+
+Layouts. ``x`` and ``grad_out`` are read as channels_last (converted if they
+are not), so that the reduction over channels loads contiguous vectors; the
+bank is copied once per call to ``[K, kH*kW, C/g, O]``, output channel
+fastest. Outputs are written straight into the caller's memory format.
+Integer arguments that vary between layers (batch, image and kernel sizes,
+strides) are exempt from Triton's specialisation, so the layers of a network
+share one compiled kernel per dtype and tile.
 
 Backward
 --------
@@ -87,7 +106,7 @@ import triton.testing
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from .functional import _check_positive_int, _pair_arg, output_size
+from .functional import _check_tensors, _pair_arg, output_size
 
 __all__ = ["fused_forward", "fused_backward"]
 
@@ -98,12 +117,40 @@ Pair = Tuple[int, int]
 
 
 @triton.jit
-def _mix(w0, w1, bank_tile, pi_ptr, b0, j, NK: tl.constexpr, ok0, ok1, ACC: tl.constexpr, SAMPLES: tl.constexpr):
-    """Add ``pi[b0, j] * bank_tile`` to ``w0`` (and ``pi[b0 + 1, j] * bank_tile`` to ``w1``)."""
-    w0 += tl.load(pi_ptr + b0 * NK + j, mask=ok0, other=0).to(ACC) * bank_tile
+def _program_tile(N_SIZE, M_SIZE, PHASES, GROUPS, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                  SAMPLES: tl.constexpr):
+    """This program's column tile (varying fastest), row tile, stride phase, group and first sample."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N_SIZE, BLOCK_N)
+    m_tiles = tl.cdiv(M_SIZE, BLOCK_M)
+    rest = pid // n_tiles // m_tiles
+    return pid % n_tiles, pid // n_tiles % m_tiles, rest % PHASES, rest // PHASES % GROUPS, \
+        rest // PHASES // GROUPS * SAMPLES
+
+
+@triton.jit
+def _mixed_step(
+    acc0, acc1, a0_ptrs, a1_ptrs, a0_mask, a1_mask, w_ptrs, w_mask, bank_stride, pi_ptr, b0, ok0, ok1,
+    NK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, SAMPLES: tl.constexpr,
+):
+    """One reduction chunk for samples b0 (and b0 + 1): mix the weight tile
+    ``sum_j pi[b, j] * bank_j`` from the K bank tiles at ``w_ptrs + j * bank_stride``
+    (loaded once for both samples), round it to the input dtype, and add
+    ``A_b @ W_b`` to ``acc`` with the A tile at ``a_ptrs``."""
+    w0 = tl.zeros(w_ptrs.shape, ACC)
+    w1 = tl.zeros(w_ptrs.shape, ACC)
+    for j in tl.static_range(NK):
+        bank_tile = tl.load(w_ptrs + j * bank_stride, mask=w_mask, other=0).to(ACC)
+        w0 += tl.load(pi_ptr + b0 * NK + j, mask=ok0, other=0).to(ACC) * bank_tile
+        if SAMPLES == 2:
+            w1 += tl.load(pi_ptr + (b0 + 1) * NK + j, mask=ok1, other=0).to(ACC) * bank_tile
+    dtype = a0_ptrs.dtype.element_ty
+    a0 = tl.load(a0_ptrs, mask=a0_mask, other=0)
+    acc0 = tl.dot(a0.to(DOT), w0.to(dtype).to(DOT), acc0, input_precision=PREC, out_dtype=ACC)
     if SAMPLES == 2:
-        w1 += tl.load(pi_ptr + (b0 + 1) * NK + j, mask=ok1, other=0).to(ACC) * bank_tile
-    return w0, w1
+        a1 = tl.load(a1_ptrs, mask=a1_mask, other=0)
+        acc1 = tl.dot(a1.to(DOT), w1.to(dtype).to(DOT), acc1, input_precision=PREC, out_dtype=ACC)
+    return acc0, acc1
 
 
 # Sizes that vary from layer to layer are not specialised on (divisibility by 16, equality
@@ -131,15 +178,7 @@ def _forward_kernel(
     # One program: output pixels [BLOCK_M] x output channels [BLOCK_N] of group gi,
     # for SAMPLES consecutive samples. Channel tiles vary fastest, so programs
     # reading the same input tile run side by side.
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(OG, BLOCK_N)
-    m_tiles = tl.cdiv(M_SIZE, BLOCK_M)
-    pid_n = pid % n_tiles
-    rest = pid // n_tiles
-    pid_m = rest % m_tiles
-    rest = rest // m_tiles
-    gi = rest % GROUPS
-    b0 = (rest // GROUPS) * SAMPLES
+    pid_n, pid_m, _, gi, b0 = _program_tile(OG, M_SIZE, 1, GROUPS, BLOCK_N, BLOCK_M, SAMPLES)
     ok0 = b0 < B
     ok1 = b0 + 1 < B
     x0 = x_ptr + b0.to(tl.int64) * sxb
@@ -170,20 +209,12 @@ def _forward_kernel(
         iw = ow * SW - PW + kw * DW
         inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         a_off = (ih * sxh + iw * sxw)[:, None] + ((gi * CG + c) * sxc)[None, :]
-        # Weight tile W_b[c, o] of this tap, mixed from the K bank tiles.
+        # Weight tile W_b[c, o] of this tap.
         w_ptrs = bank_ptr + tap * (CG * O) + c[:, None] * O + o[None, :]
-        w_mask = c_ok[:, None] & n_ok[None, :]
-        w0 = tl.zeros([BLOCK_K, BLOCK_N], ACC)
-        w1 = tl.zeros([BLOCK_K, BLOCK_N], ACC)
-        for j in tl.static_range(NK):
-            bank_tile = tl.load(w_ptrs + j * (NTAPS * CG * O), mask=w_mask, other=0).to(ACC)
-            w0, w1 = _mix(w0, w1, bank_tile, pi_ptr, b0, j, NK, ok0, ok1, ACC, SAMPLES)
-        a0 = tl.load(x0 + a_off, mask=(m_ok0 & inside)[:, None] & c_ok[None, :], other=0)
-        acc0 = tl.dot(a0.to(DOT), w0.to(x_ptr.dtype.element_ty).to(DOT), acc0, input_precision=PREC, out_dtype=ACC)
-        if SAMPLES == 2:
-            a1 = tl.load(x1 + a_off, mask=(m_ok1 & inside)[:, None] & c_ok[None, :], other=0)
-            acc1 = tl.dot(a1.to(DOT), w1.to(x_ptr.dtype.element_ty).to(DOT), acc1, input_precision=PREC,
-                          out_dtype=ACC)
+        acc0, acc1 = _mixed_step(
+            acc0, acc1, x0 + a_off, x1 + a_off, (m_ok0 & inside)[:, None] & c_ok[None, :],
+            (m_ok1 & inside)[:, None] & c_ok[None, :], w_ptrs, c_ok[:, None] & n_ok[None, :], NTAPS * CG * O,
+            pi_ptr, b0, ok0, ok1, NK, ACC, DOT, PREC, SAMPLES)
 
     out_off = (oh * soh + ow * sow)[:, None] + (o * soc)[None, :]
     if HAS_BIAS:
@@ -208,17 +239,7 @@ def _input_grad_kernel(
 ):
     # One program: BLOCK_M input pixels of one stride phase (ih % SH, iw % SW) x
     # BLOCK_N input channels of group gi, for SAMPLES consecutive samples.
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(CG, BLOCK_N)
-    m_tiles = tl.cdiv(M_SIZE, BLOCK_M)
-    pid_n = pid % n_tiles
-    rest = pid // n_tiles
-    pid_m = rest % m_tiles
-    rest = rest // m_tiles
-    phase = rest % (SH * SW)
-    rest = rest // (SH * SW)
-    gi = rest % GROUPS
-    b0 = (rest // GROUPS) * SAMPLES
+    pid_n, pid_m, phase, gi, b0 = _program_tile(CG, M_SIZE, SH * SW, GROUPS, BLOCK_N, BLOCK_M, SAMPLES)
     ok0 = b0 < B
     ok1 = b0 + 1 < B
     g0 = g_ptr + b0.to(tl.int64) * sgb
@@ -249,20 +270,12 @@ def _input_grad_kernel(
         ow = (iw + PW - kw * DW) // SW
         inside = (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
         a_off = (oh * sgh + ow * sgw)[:, None] + (o * sgc)[None, :]
-        # Weight tile W_b[o, c] of this tap, mixed from the K bank tiles.
+        # Weight tile W_b[o, c] of this tap (the forward's tile, transposed).
         w_ptrs = bank_ptr + tap * (CG * O) + n[None, :] * O + o[:, None]
-        w_mask = o_ok[:, None] & n_ok[None, :]
-        w0 = tl.zeros([BLOCK_K, BLOCK_N], ACC)
-        w1 = tl.zeros([BLOCK_K, BLOCK_N], ACC)
-        for j in tl.static_range(NK):
-            bank_tile = tl.load(w_ptrs + j * (NTAPS * CG * O), mask=w_mask, other=0).to(ACC)
-            w0, w1 = _mix(w0, w1, bank_tile, pi_ptr, b0, j, NK, ok0, ok1, ACC, SAMPLES)
-        a0 = tl.load(g0 + a_off, mask=(m_ok0 & inside)[:, None] & o_ok[None, :], other=0)
-        acc0 = tl.dot(a0.to(DOT), w0.to(g_ptr.dtype.element_ty).to(DOT), acc0, input_precision=PREC, out_dtype=ACC)
-        if SAMPLES == 2:
-            a1 = tl.load(g1 + a_off, mask=(m_ok1 & inside)[:, None] & o_ok[None, :], other=0)
-            acc1 = tl.dot(a1.to(DOT), w1.to(g_ptr.dtype.element_ty).to(DOT), acc1, input_precision=PREC,
-                          out_dtype=ACC)
+        acc0, acc1 = _mixed_step(
+            acc0, acc1, g0 + a_off, g1 + a_off, (m_ok0 & inside)[:, None] & o_ok[None, :],
+            (m_ok1 & inside)[:, None] & o_ok[None, :], w_ptrs, o_ok[:, None] & n_ok[None, :], NTAPS * CG * O,
+            pi_ptr, b0, ok0, ok1, NK, ACC, DOT, PREC, SAMPLES)
 
     # Every pixel of the phase is written, zeros where no tap reaches it.
     dx_off = (ih * sdh + iw * sdw)[:, None] + ((gi * CG + n) * sdc)[None, :]
@@ -498,32 +511,20 @@ def _check(
     stride: Pair, padding: Pair, dilation: Pair, groups: int,
 ) -> _Conv:
     """Validate the arguments of :func:`fused_forward` / :func:`fused_backward`; return the sizes."""
-    _check_positive_int("groups", groups)
     stride_ = _pair_arg("stride", stride, 1)
     padding_ = _pair_arg("padding", padding, 0)
     dilation_ = _pair_arg("dilation", dilation, 1)
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
-    if weight.dim() != 5:
-        raise ValueError(f"weight must be 5-D [K, O, C/groups, kH, kW], got shape {tuple(weight.shape)}")
-    B, C, H, W = x.shape
-    K, O, CG, KH, KW = weight.shape
-    if K < 1 or O < 1 or CG < 1 or KH < 1 or KW < 1:
-        raise ValueError(f"weight {tuple(weight.shape)} must have every dimension >= 1")
-    if C != CG * groups:
-        raise ValueError(f"x has C={C} channels but weight {tuple(weight.shape)} with groups={groups} "
-                         f"expects C = {CG} * {groups} = {CG * groups}")
-    if O % groups != 0:
-        raise ValueError(f"groups={groups} must divide out_channels O={O} of weight {tuple(weight.shape)}")
-    if attention.shape != (B, K):
-        raise ValueError(f"attention must have shape [B, K] = [{B}, {K}], got {tuple(attention.shape)}")
-    if bias is not None and bias.shape != (K, O):
-        raise ValueError(f"bias must have shape [K, O] = [{K}, {O}], got {tuple(bias.shape)}")
+    # The functional core's checks; it refuses an empty batch, which is allowed here,
+    # so an empty batch is checked as one sample.
+    empty = x.dim() == 4 and x.shape[0] == 0 and attention.dim() == 2 and attention.shape[0] == 0
+    _check_tensors(x.new_empty((1, *x.shape[1:])) if empty else x, weight,
+                   attention.new_empty((1, attention.shape[1])) if empty else attention, bias, groups)
     if x.dtype not in _TL_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; the fused kernels take {', '.join(map(str, _TL_DTYPES))}")
-    for name, t in (("weight", weight), ("attention", attention), ("bias", bias)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise TypeError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; they must match")
+    if min(weight.shape) < 1:
+        raise ValueError(f"weight {tuple(weight.shape)} must have every dimension >= 1")
+    B, C, H, W = x.shape
+    K, O, CG, KH, KW = weight.shape
     OH, OW = (output_size(size, k, s, p, d) for size, k, s, p, d in zip((H, W), (KH, KW), stride_, padding_,
                                                                           dilation_))
     if OH < 1 or OW < 1:

@@ -232,8 +232,9 @@ def test_one_sample_per_program(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"stride": (0, 1)}, ValueError, r"stride must be >= 1, got \(0, 1\)"),
         ({"x": (2, 4, 2, 2)}, ValueError, r"output size \(H', W'\) = \(0, 0\) < 1"),
         ({"a": (2, 5)}, ValueError, r"attention must have shape \[B, K\] = \[2, 3\]"),
-        ({"dtype_w": torch.float32}, TypeError, r"weight is torch.float32 on \S+ but x is torch.float64"),
-        ({"dtype": torch.int64}, TypeError, r"x has dtype torch.int64; the fused kernels take"),
+        ({"dtype_w": torch.float32}, TypeError, r"weight has dtype torch.float32 but x has dtype torch.float64"),
+        ({"dtype": torch.int64}, TypeError, r"x must be a floating point tensor, got dtype torch.int64"),
+        ({"w": (3, 4, 4, 0, 3)}, ValueError, r"weight \(3, 4, 4, 0, 3\) must have every dimension >= 1"),
     ],
 )
 def test_bad_arguments_are_refused(change: Dict[str, Any], error: type, match: str) -> None:

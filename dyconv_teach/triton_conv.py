@@ -573,7 +573,9 @@ def _geometry(s: _Conv) -> Tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _phase_taps(kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, device: torch.device) -> Tuple[Tensor, Tensor]:
+def _phase_taps(
+    kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, device: torch.device
+) -> Tuple[Tensor, Tensor]:
     """For each stride phase ``(ih % sh, iw % sw)``: the taps ``kh*kW + kw`` that reach its
     input pixels (``(ih + ph - kh*dh) % sh == 0``, the same along W), and how many there are."""
     (KH, KW), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation

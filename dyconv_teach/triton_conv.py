@@ -659,12 +659,12 @@ def fused_backward(
     acc = _acc_dtype(x.dtype)
     pi = attention.contiguous()
     memory_format = _memory_format(x)
-    x, grad_out, bank = _nhwc(x), _nhwc(grad_out), _bank_layout(weight)
+    grad_out, bank = _nhwc(grad_out), _bank_layout(weight)
     grad_x = _input_grad(grad_out, bank, pi, s, memory_format) if need_x else None
     grad_bank: Optional[Tensor] = None
     grad_pi: Optional[Tensor] = None
     if need_bank or need_pi:
-        grad_bank, grad_pi = _bank_and_attention_grads(grad_out, x, bank, pi, s, need_bank, need_pi)
+        grad_bank, grad_pi = _bank_and_attention_grads(grad_out, _nhwc(x), bank, pi, s, need_bank, need_pi)
     grad_bias = None
     if bias is not None and (need_pi or need_bias):
         g_sum = grad_out.sum(dim=(2, 3), dtype=acc)

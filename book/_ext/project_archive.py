@@ -24,7 +24,7 @@ PATTERNS = ["book/*.ipynb", "dyconv_teach/*.py"]
 HOW_TO_RUN = """\
 # How to run the book's chapters
 
-You need Python 3.10 or newer (the book was built with 3.11) and pip. In a
+You need Python 3.11 (the book is built and tested with it) and pip. In a
 terminal, in this folder:
 
 ```bash

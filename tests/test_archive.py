@@ -4,8 +4,9 @@
 slow test here does what a reader does: unzip it into an empty folder, make a
 fresh virtual environment there, ``pip install -r requirements.txt`` as its
 HOW_TO_RUN.md says, and run a chapter, checked by nbval against the outputs the
-chapter stores. That takes about two minutes (pip may take the packages from its
-cache). Build the book first: ``jupyter-book build --all -W -n --keep-going .``
+chapter stores. That takes about 90 seconds on the 2-core machine that builds
+the book, where pip finds the packages in its cache. Build the book first:
+``jupyter-book build --all -W -n --keep-going .``
 """
 
 from __future__ import annotations

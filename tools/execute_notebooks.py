@@ -7,6 +7,14 @@ chapter run:
 
 (no argument: every notebook under book/). Runs with one thread so stored
 outputs never depend on the machine's core count.
+
+Re-running an unchanged chapter leaves its file unchanged (except for timings
+the chapter prints), so a diff shows only real changes: no per-cell timing
+metadata is recorded, and the live-widget part of an explorer's output is not
+stored (its model id is random on every run, and without the widget state,
+which would only bloat the file, Jupyter could not show it anyway: JupyterLab
+shows the stored static HTML of the explorer instead, and the live widget once
+the cell is run).
 """
 
 from __future__ import annotations
@@ -21,13 +29,17 @@ import nbformat  # noqa: E402
 from nbclient import NotebookClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def execute(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
-    # Widget state would only bloat the file: the HTML book uses the text/html fallback.
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
-                   store_widget_state=False).execute()
+                   store_widget_state=False, record_timing=False).execute()
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)  # timings an older run may have stored
+        for output in cell.get("outputs", []):
+            output.get("data", {}).pop(WIDGET_VIEW, None)
     nbformat.write(nb, path)
     print(f"executed {path.relative_to(ROOT)}")
 

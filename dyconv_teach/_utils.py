@@ -12,6 +12,7 @@ from typing import Optional, Protocol, Tuple, TypedDict, Union
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 from typing_extensions import Unpack
 
 IntPair = Union[int, Tuple[int, int]]
@@ -129,3 +130,42 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def check_tensors(x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], groups: int) -> None:
+    """Check the shapes, dtypes and devices of the tensors of a batched dynamic convolution:
+    ``x [B, C, H, W]``, ``weight [K, O, C/groups, kH, kW]``, ``attention [B, K]``, ``bias [K, O]``."""
+    if weight.dim() != 5:
+        raise ValueError(
+            f"weight must be 5-D [K, O, C/groups, kH, kW], got {weight.dim()}-D of shape {tuple(weight.shape)}"
+        )
+    B, C = x.shape[:2]
+    K, O, c_per_group = weight.shape[:3]
+    if K < 1:
+        raise ValueError(f"weight holds K={K} kernels; need K >= 1")
+    if C != c_per_group * groups:
+        raise ValueError(
+            f"x has C={C} channels but weight {tuple(weight.shape)} with groups={groups} "
+            f"expects C = {c_per_group} * {groups} = {c_per_group * groups}"
+        )
+    if attention.shape != (B, K):
+        raise ValueError(f"attention must have shape [B, K] = [{B}, {K}], got {tuple(attention.shape)}")
+    if bias is not None and bias.shape != (K, O):
+        raise ValueError(f"bias must have shape [K, O] = [{K}, {O}], got {tuple(bias.shape)}")
+    tensors = {"x": x, "weight": weight, "attention": attention}
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on device {t.device} but x is on {x.device}; they must match")
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format ``F.conv2d`` gives its output for input ``x``: torch's own rule,
+    which reads the strides (a ``[B, 1, H, W]`` tensor is contiguous both ways, but its
+    strides tell)."""
+    return torch.channels_last if suggest_memory_format(x) == torch.channels_last else torch.contiguous_format

@@ -57,6 +57,7 @@ __all__ = [
     "time_forward_backward",
     "peak_memory_forward_backward",
     "per_sample_weight_bytes",
+    "strategies_for",
     "run_sweep",
     "format_report",
     "machine_description",
@@ -87,6 +88,11 @@ STRATEGIES: Dict[str, DynamicConv2dFn] = {
 }
 BASELINE = "static conv"
 CORE = "dynamic_conv2d"
+
+
+def strategies_for(device: str) -> Dict[str, DynamicConv2dFn]:
+    """The entries of :data:`STRATEGIES` that run on ``device`` (the fused kernels need CUDA)."""
+    return {n: fn for n, fn in STRATEGIES.items() if n not in CORE_STRATEGIES or device in CORE_STRATEGIES[n].devices}
 
 #: (C = O, H = W) of the full sweep, and its batch sizes (per device).
 SWEEP_CELLS: Tuple[Tuple[int, int], ...] = ((32, 56), (64, 28), (128, 14), (256, 7))
@@ -259,7 +265,7 @@ def run_sweep(
     The strategies of one cell are timed round-robin, one repeat each in turn, so a
     burst of load on the machine hits all of them alike.
     """
-    strategies = STRATEGIES if strategies is None else strategies
+    strategies = strategies_for(device) if strategies is None else strategies
     rows: List[Cell] = []
     for channels, size in cells:
         for batch in batches:
@@ -446,7 +452,7 @@ def _resnet_report(batch: int, image_size: int, device: str, repeats: int) -> st
              f"{'model':<28} {'float32 ms':>11} {'ratio':>7} {'bf16 autocast ms':>17} {'ratio':>7}"]
     static: Dict[Optional[torch.dtype], float] = {}
     variants = [("static", False, "auto"), ("dynamic, auto", True, "auto")]
-    variants += [(f"dynamic, {name}", True, name) for name in CORE_STRATEGIES]
+    variants += [(f"dynamic, {name}", True, name) for name in CORE_STRATEGIES if name in strategies_for(device)]
     for label, dynamic, strategy in variants:
         cells = []
         for amp in (None, torch.bfloat16):

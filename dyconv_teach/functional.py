@@ -26,7 +26,16 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import strategies
-from ._utils import IntPair, Padding, autocast_dtype, check_conv_args, output_size, positive_int, same_padding
+from ._utils import (
+    IntPair,
+    Padding,
+    autocast_dtype,
+    check_conv_args,
+    check_tensors,
+    output_size,
+    positive_int,
+    same_padding,
+)
 
 __all__ = ["dynamic_conv2d", "STRATEGY_NAMES"]
 
@@ -166,37 +175,6 @@ def _backward_flops(grad_shape, x_shape, weight_shape, *args, out_shape, **kwarg
 # -- the public function ------------------------------------------------------------------------
 
 
-def _check_tensors(x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], groups: int) -> None:
-    """Check the shapes, dtypes and devices of a batched call."""
-    if weight.dim() != 5:
-        raise ValueError(
-            f"weight must be 5-D [K, O, C/groups, kH, kW], got {weight.dim()}-D of shape {tuple(weight.shape)}"
-        )
-    B, C = x.shape[:2]
-    K, O, c_per_group = weight.shape[:3]
-    if K < 1:
-        raise ValueError(f"weight holds K={K} kernels; need K >= 1")
-    if C != c_per_group * groups:
-        raise ValueError(
-            f"x has C={C} channels but weight {tuple(weight.shape)} with groups={groups} "
-            f"expects C = {c_per_group} * {groups} = {c_per_group * groups}"
-        )
-    if attention.shape != (B, K):
-        raise ValueError(f"attention must have shape [B, K] = [{B}, {K}], got {tuple(attention.shape)}")
-    if bias is not None and bias.shape != (K, O):
-        raise ValueError(f"bias must have shape [K, O] = [{K}, {O}], got {tuple(bias.shape)}")
-    tensors = {"x": x, "weight": weight, "attention": attention}
-    if bias is not None:
-        tensors["bias"] = bias
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on device {t.device} but x is on {x.device}; they must match")
-
-
 def _autocast(tensors: Sequence[Optional[Tensor]], device_type: str) -> Sequence[Optional[Tensor]]:
     """Under ``torch.autocast``, cast as autocast casts a convolution's inputs: every
     float32/16 tensor to the autocast dtype (float64 stays as it is)."""
@@ -259,7 +237,7 @@ def dynamic_conv2d(
         x, attention = x.unsqueeze(0), attention.unsqueeze(0)
     x, weight, attention, bias = _autocast((x, weight, attention, bias), x.device.type)  # type: ignore[assignment]
     groups_ = positive_int("groups", groups)
-    _check_tensors(x, weight, attention, bias, groups_)
+    check_tensors(x, weight, attention, bias, groups_)
     stride_, padding_, dilation_ = check_conv_args(x.shape[1], weight.shape[1], groups_, stride, padding, dilation)
     if padding_ == "same":
         top, bottom, left, right = same_padding((weight.shape[3], weight.shape[4]), dilation_)

@@ -12,17 +12,22 @@ custom operator so that compiled and exported graphs keep a symbolic batch size.
 - ``kernel_branches``: one static convolution with all ``K*O`` kernels, then mix
   the K outputs per sample (linearity, the book's chapter 4). K times the
   multiply-adds, but no per-sample weights.
+- ``fused`` (with the ``gpu`` extra, Triton): kernels that mix each sample's kernel
+  tile where the convolution consumes it, so the per-sample weights are never
+  written (:mod:`dyconv_teach.triton_conv`).
 
 :func:`choose` is the dispatch rule, per device, from measurements.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch._prims_common import suggest_memory_format
+
+from ._utils import memory_format
 
 __all__ = ["Strategy", "STRATEGIES", "choose", "mixed_weight_bytes"]
 
@@ -31,14 +36,12 @@ Pair = Sequence[int]
 
 
 def _channels_last(x: Tensor) -> bool:
-    """Whether ``F.conv2d`` treats ``x`` as channels_last: torch's own rule, which reads the
-    strides (a ``[B, 1, H, W]`` tensor is contiguous both ways, but its strides tell)."""
-    return suggest_memory_format(x) == torch.channels_last
+    return memory_format(x) == torch.channels_last
 
 
 def like_input(out: Tensor, x: Tensor) -> Tensor:
     """``out`` in ``x``'s memory format, as ``F.conv2d`` returns it."""
-    return out.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+    return out.contiguous(memory_format=memory_format(x))
 
 
 def _conv_backward(
@@ -187,23 +190,56 @@ def kernel_branches_backward(
     )
 
 
+# -- fused Triton kernels -----------------------------------------------------------------------
+
+
+def fused_forward(
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Pair, padding: Pair, dilation: Pair,
+    groups: int,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`dyconv_teach.triton_conv.fused_forward`: an implicit GEMM that mixes each
+    sample's kernel tile on the fly and never writes the per-sample weights (CUDA, or CPU
+    tensors under Triton's interpreter)."""
+    from . import triton_conv  # Triton is an optional extra, imported on first use
+
+    out = triton_conv.fused_forward(x, weight, attention, bias, tuple(stride), tuple(padding),  # type: ignore[arg-type]
+                                    tuple(dilation), groups)  # type: ignore[arg-type]
+    return out, x.new_empty(0)
+
+
+def fused_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], saved: Tensor, stride: Pair,
+    padding: Pair, dilation: Pair, groups: int, mask: Sequence[bool],
+) -> Grads:
+    """Gradients of :func:`fused_forward` (two more fused kernels: input gradient; bank and
+    attention gradients reduced inside the kernel)."""
+    from . import triton_conv
+
+    return triton_conv.fused_backward(grad, x, weight, attention, bias, tuple(stride), tuple(padding),  # type: ignore[arg-type]
+                                      tuple(dilation), groups, mask)  # type: ignore[arg-type]
+
+
 # -- the registry and the dispatch rule -------------------------------------------------------
 
 
 class Strategy(NamedTuple):
-    """A forward ``(x, weight, attention, bias, stride, padding, dilation, groups) -> (out, saved)``
-    and its backward ``(grad, x, weight, attention, bias, saved, stride, padding, dilation, groups,
-    mask) -> (grad_x, grad_weight, grad_attention, grad_bias)``."""
+    """A forward ``(x, weight, attention, bias, stride, padding, dilation, groups) -> (out, saved)``,
+    its backward ``(grad, x, weight, attention, bias, saved, stride, padding, dilation, groups,
+    mask) -> (grad_x, grad_weight, grad_attention, grad_bias)``, and the device types it runs on."""
 
     forward: Callable[..., Tuple[Tensor, Tensor]]
     backward: Callable[..., Grads]
+    devices: Tuple[str, ...] = ("cpu", "cuda")
 
 
-#: Every strategy the core can run, by name.
+#: Every strategy the core can run, by name (``fused`` where Triton is installed).
 STRATEGIES: Dict[str, Strategy] = {
     "batch_as_groups": Strategy(batch_as_groups_forward, batch_as_groups_backward),
     "kernel_branches": Strategy(kernel_branches_forward, kernel_branches_backward),
 }
+if importlib.util.find_spec("triton") is not None:
+    # On CPU tensors the kernels run only under Triton's interpreter, for tests and teaching.
+    STRATEGIES["fused"] = Strategy(fused_forward, fused_backward, devices=("cuda",))
 
 
 def mixed_weight_bytes(batch: int, weight: Tensor) -> int:

@@ -106,7 +106,7 @@ import triton.testing
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from .functional import _check_tensors, _pair_arg, output_size
+from ._utils import check_tensors, memory_format, output_size, pair
 
 __all__ = ["fused_forward", "fused_backward"]
 
@@ -511,14 +511,12 @@ def _check(
     stride: Pair, padding: Pair, dilation: Pair, groups: int,
 ) -> _Conv:
     """Validate the arguments of :func:`fused_forward` / :func:`fused_backward`; return the sizes."""
-    stride_ = _pair_arg("stride", stride, 1)
-    padding_ = _pair_arg("padding", padding, 0)
-    dilation_ = _pair_arg("dilation", dilation, 1)
-    # The functional core's checks; it refuses an empty batch, which is allowed here,
-    # so an empty batch is checked as one sample.
-    empty = x.dim() == 4 and x.shape[0] == 0 and attention.dim() == 2 and attention.shape[0] == 0
-    _check_tensors(x.new_empty((1, *x.shape[1:])) if empty else x, weight,
-                   attention.new_empty((1, attention.shape[1])) if empty else attention, bias, groups)
+    stride_ = pair("stride", stride, 1)
+    padding_ = pair("padding", padding, 0)
+    dilation_ = pair("dilation", dilation, 1)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [B, C, H, W], got {x.dim()}-D input of shape {tuple(x.shape)}")
+    check_tensors(x, weight, attention, bias, groups)
     if x.dtype not in _TL_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; the fused kernels take {', '.join(map(str, _TL_DTYPES))}")
     if min(weight.shape) < 1:
@@ -531,13 +529,6 @@ def _check(
         raise ValueError(f"output size (H', W') = ({OH}, {OW}) < 1: the kernel ({KH}, {KW}) with "
                          f"dilation={dilation_} does not fit the input ({H}, {W}) padded by {padding_}")
     return _Conv(B, C, H, W, K, O, CG, O // groups, KH, KW, OH, OW, stride_, padding_, dilation_, groups)
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last if ``x`` is laid out that way (and not also plainly contiguous), else contiguous."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -619,7 +610,7 @@ def fused_forward(
     :class:`torch.nn.Conv2d`. Not differentiable by itself: see :func:`fused_backward`.
     """
     s = _check(x, weight, attention, bias, stride, padding, dilation, groups)
-    out = torch.empty((s.B, s.O, s.OH, s.OW), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    out = torch.empty((s.B, s.O, s.OH, s.OW), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     if s.B == 0:
         return out
     pi = attention.contiguous()
@@ -658,9 +649,8 @@ def fused_backward(
     need_bias = need_bias and bias is not None
     acc = _acc_dtype(x.dtype)
     pi = attention.contiguous()
-    memory_format = _memory_format(x)
     grad_out, bank = _nhwc(grad_out), _bank_layout(weight)
-    grad_x = _input_grad(grad_out, bank, pi, s, memory_format) if need_x else None
+    grad_x = _input_grad(grad_out, bank, pi, s, memory_format(x)) if need_x else None
     grad_bank: Optional[Tensor] = None
     grad_pi: Optional[Tensor] = None
     if need_bank or need_pi:
@@ -676,11 +666,10 @@ def fused_backward(
             None if grad_pi is None else grad_pi.to(x.dtype), grad_bias)
 
 
-def _input_grad(grad_out: Tensor, bank: Tensor, pi: Tensor, s: _Conv, memory_format: torch.memory_format) -> Tensor:
-    """``grad_x`` (in ``memory_format``): the transposed convolution of each ``grad_out[b]``
+def _input_grad(grad_out: Tensor, bank: Tensor, pi: Tensor, s: _Conv, fmt: torch.memory_format) -> Tensor:
+    """``grad_x`` (in memory format ``fmt``): the transposed convolution of each ``grad_out[b]``
     (channels_last) with its mixed kernel ``W_b`` (``bank`` in :func:`_bank_layout`)."""
-    grad_x = torch.empty((s.B, s.C, s.H, s.W), dtype=grad_out.dtype, device=grad_out.device,
-                         memory_format=memory_format)
+    grad_x = torch.empty((s.B, s.C, s.H, s.W), dtype=grad_out.dtype, device=grad_out.device, memory_format=fmt)
     if s.B == 0:
         return grad_x
     taps, n_taps = _phase_taps((s.KH, s.KW), s.stride, s.padding, s.dilation, grad_out.device)

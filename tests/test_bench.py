@@ -20,7 +20,9 @@ def test_strategies_table_shares_the_signature() -> None:
     args = bench.make_inputs(batch=3, channels=4, size=5, dtype=torch.float64)
     ref = per_sample_conv2d(*args, padding=1)
     assert list(bench.STRATEGIES)[:2] == [bench.BASELINE, bench.CORE] and set(CORE_STRATEGIES) <= set(bench.STRATEGIES)
-    for name, fn in bench.STRATEGIES.items():
+    cpu = bench.strategies_for("cpu")
+    assert set(bench.STRATEGIES) - set(cpu) == {n for n, s in CORE_STRATEGIES.items() if "cpu" not in s.devices}
+    for name, fn in cpu.items():
         out = fn(*args, padding=1)
         assert out.shape == ref.shape, name
         if name != bench.BASELINE:
@@ -57,21 +59,21 @@ def test_main_quick_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> Non
     assert lines[0].startswith("machine: ")
     assert lines[1].startswith(f"torch {torch.__version__}, 1 threads")
     header = next(line for line in lines if line.lstrip().startswith("C=O") and "static ms" in line)
-    for name in list(bench.STRATEGIES)[1:] + ["core/best other"]:
+    for name in list(bench.strategies_for("cpu"))[1:] + ["core/best other"]:
         assert name in header
     rows = [line.split() for line in lines if line.split()[:2] == ["8", "8x8"]]
     time_rows, memory_rows = rows[: len(bench.QUICK_BATCHES)], rows[len(bench.QUICK_BATCHES) :]
     assert [int(r[2]) for r in time_rows] == list(bench.QUICK_BATCHES)
     for r in time_rows:  # B, static ms, one ratio per non-baseline strategy, core/best other
-        assert len(r) == 3 + 1 + len(bench.STRATEGIES) - 1 + 1
+        assert len(r) == 3 + 1 + len(bench.strategies_for("cpu")) - 1 + 1
         assert all(v.endswith("x") and float(v[:-1]) > 0 for v in r[4:])
     geomean = next(line for line in lines if line.split()[:1] == ["geomean"])
-    assert len(geomean.split()) == 1 + len(bench.STRATEGIES) - 1
+    assert len(geomean.split()) == 1 + len(bench.strategies_for("cpu")) - 1
     assert any(line.startswith("Target: geomean of dynamic_conv2d <= 1.25x") for line in lines)
     assert any(line.startswith("Target: no cell slower than the best other strategy") for line in lines)
     assert [int(r[2]) for r in memory_rows] == list(bench.QUICK_BATCHES)
     for r in memory_rows:  # B, weight MiB, one peak per strategy
-        assert len(r) == 3 + 1 + len(bench.STRATEGIES)
+        assert len(r) == 3 + 1 + len(bench.strategies_for("cpu"))
 
 
 @pytest.mark.parametrize("argv, message", [(["--threads", "0"], "--threads must be >= 1"), (["--repeats", "0"], "--repeats must be >= 1")])

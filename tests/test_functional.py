@@ -129,14 +129,20 @@ def test_cases_cover_every_feature() -> None:
     assert {c.dtype for c in CASES} == {torch.float32, torch.float64}
 
 
+#: 'auto' and every strategy that runs on CPU tensors. The fused Triton kernels run on CPU
+#: tensors only under Triton's interpreter, seconds per call: tests/test_triton_conv.py checks them.
+CPU_STRATEGIES = ("auto", *(name for name, s in strategies.STRATEGIES.items() if "cpu" in s.devices))
+
+
 def test_every_strategy_is_tested() -> None:
-    """The parametrised tests below run 'auto' and every strategy of the registry, so a
-    strategy added later is tested without editing this file."""
-    assert set(STRATEGY_NAMES) == {"auto", *strategies.STRATEGIES} and len(strategies.STRATEGIES) >= 2
+    """The parametrised tests below run every CPU strategy of the registry, so a strategy added
+    later is tested without editing this file; the others have a test file of their own."""
+    assert set(STRATEGY_NAMES) == {"auto", *strategies.STRATEGIES} and len(CPU_STRATEGIES) >= 3
+    assert set(STRATEGY_NAMES) - set(CPU_STRATEGIES) <= {"fused"}
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("strategy", CPU_STRATEGIES)
 @pytest.mark.parametrize("index, case", list(enumerate(CASES)), ids=[str(c) for c in CASES])
 def test_matches_both_references(index: int, case: Case, strategy: str) -> None:
     x, weight, attention, bias = make_tensors(case, seed=index)
@@ -150,7 +156,7 @@ def test_matches_both_references(index: int, case: Case, strategy: str) -> None:
     assert out.is_contiguous(memory_format=torch.channels_last if case.channels_last else torch.contiguous_format)
 
 
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("strategy", CPU_STRATEGIES)
 @pytest.mark.parametrize("groups", [1, 2])
 def test_batch_of_one_is_a_plain_conv_with_the_mixed_kernel(groups: int, strategy: str) -> None:
     gen = torch.Generator().manual_seed(1)
@@ -174,7 +180,7 @@ GRADCHECK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("strategy", CPU_STRATEGIES)
 @pytest.mark.parametrize("B, C, O, K, groups, kernel, H, W, conv, has_bias", GRADCHECK_CASES)
 def test_gradcheck(
     B: int, C: int, O: int, K: int, groups: int, kernel: Tuple[int, int], H: int, W: int, conv: dict, has_bias: bool,
@@ -196,7 +202,7 @@ def test_gradcheck(
     assert torch.autograd.gradcheck(lambda x: f(x, weight.detach(), attention, None), (x_cl,))
 
 
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("strategy", CPU_STRATEGIES)
 def test_batch_independence(strategy: str) -> None:
     """Sample i's output never depends on sample j's input or attention row."""
     B = 10
@@ -218,7 +224,7 @@ def test_batch_independence(strategy: str) -> None:
         torch.testing.assert_close(out2[others], out[others], rtol=0, atol=0)  # ...and nowhere else
 
 
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("strategy", CPU_STRATEGIES)
 def test_batch_independence_of_gradients(strategy: str) -> None:
     """d out[i] / d x[j] and d out[i] / d attention[j] are exactly zero for j != i."""
     B = 10
@@ -286,7 +292,7 @@ def test_unbatched_input_is_one_sample() -> None:
     torch.testing.assert_close(out, dynamic_conv2d(x[1:2], weight, attention[1:2], bias, **conv_kwargs(case))[0])
 
 
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("strategy", CPU_STRATEGIES)
 def test_empty_batch_gives_an_empty_output_and_zero_gradients(strategy: str) -> None:
     """As F.conv2d: B = 0 is no error; the bank's gradient is zero."""
     args = valid_args()
@@ -449,7 +455,7 @@ def test_flop_counter_counts_one_convolution_per_sample_and_the_mixing() -> None
     weight = torch.randn(3, 6, 4, 3, 3, requires_grad=True)
     attention = torch.randn(2, 3, requires_grad=True)
     mix = 2 * 2 * 3 * 6 * 4 * 3 * 3  # [B, K] @ [K, O*C*k*k]
-    for strategy in STRATEGY_NAMES:
+    for strategy in CPU_STRATEGIES:
         with FlopCounterMode(display=False) as dynamic:
             out = dynamic_conv2d(x, weight, attention, padding=1, strategy=strategy)
             forward = dynamic.get_total_flops()

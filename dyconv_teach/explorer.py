@@ -29,6 +29,7 @@ import html
 import io
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -72,8 +73,7 @@ _CSS = """<style>
 .dyconv-explorer .dyconv-scroll::-webkit-scrollbar{height:6px;background:#f6f8fa}
 .dyconv-explorer .dyconv-scroll::-webkit-scrollbar-thumb{background:#8c959f;border-radius:3px}
 .dyconv-explorer table.dyconv-shapes{border-collapse:collapse;font-family:monospace;font-size:.9em;margin:0}
-.dyconv-explorer table.dyconv-shapes td{padding:.1em .9em .1em 0;border:0;border-bottom:1px solid #eaeef2;text-align:left;background:none}
-.dyconv-explorer table.dyconv-shapes td.dyconv-shape{white-space:nowrap}
+.dyconv-explorer table.dyconv-shapes td{padding:.1em .9em .1em 0;border:0;border-bottom:1px solid #eaeef2;text-align:left;background:none;white-space:nowrap}
 .dyconv-explorer .dyconv-error,.dyconv-explorer .dyconv-ok,.dyconv-explorer .dyconv-note,.dyconv-explorer pre.dyconv-formula{font-family:monospace;font-size:.9em;padding:.35em .6em;margin:.3em 0;color:#1f2328}
 .dyconv-explorer .dyconv-error{background:#fff1f0;border-left:4px solid #cf222e;overflow-wrap:anywhere}
 .dyconv-explorer .dyconv-error code{background:none;color:inherit;padding:0}
@@ -81,6 +81,7 @@ _CSS = """<style>
 .dyconv-explorer .dyconv-ok{background:#effaf1;border-left:4px solid #1a7f37}
 .dyconv-explorer .dyconv-note{background:#f6f8fa;border-left:4px solid #d0d7de;color:#57606a}
 .dyconv-explorer pre.dyconv-formula{white-space:pre-wrap;background:#f6f8fa;border:0;border-left:4px solid #8c959f;border-radius:0}
+.dyconv-explorer .dyconv-nowrap{white-space:nowrap}
 .dyconv-explorer img{max-width:100%;height:auto;display:block}
 </style>"""
 
@@ -261,15 +262,17 @@ def _esc(text: str) -> str:
     return html.escape(text, quote=False)
 
 
+def _prose(text: str) -> str:
+    """Escaped text in which no shape such as ``[2, 6, 4, 3, 3]`` breaks across lines."""
+    return re.sub(r"\[[^\[\]]*\]", lambda m: f'<span class="dyconv-nowrap">{m.group()}</span>', _esc(text))
+
+
 # -- fragments that render functions return ------------------------------------------------------
 
 
 def table(rows: Iterable[Tuple[str, str, str]]) -> str:
-    """Rows of (what, symbolic shape, shape); each shape stays on one line, the table scrolls."""
-    body = "".join(
-        f'<tr><td>{_esc(a)}</td><td class="dyconv-shape">{_esc(b)}</td><td class="dyconv-shape">{_esc(c)}</td></tr>'
-        for a, b, c in rows
-    )
+    """Rows of (what, symbolic shape, shape); no cell wraps, a narrow screen scrolls the table."""
+    body = "".join(f"<tr><td>{_esc(a)}</td><td>{_esc(b)}</td><td>{_esc(c)}</td></tr>" for a, b, c in rows)
     return f'<div class="dyconv-scroll"><table class="dyconv-shapes">{body}</table></div>'
 
 
@@ -280,8 +283,8 @@ def caption(text: str) -> str:
 def error(where: str, exc: str, message: str, why: str) -> str:
     """Torch's error ``message`` (type ``exc``) from ``where``, and the sentence ``why`` that explains it."""
     return (
-        f'<div class="dyconv-error"><p><b>{_esc(where)} raised {_esc(exc)}:</b><br><code>{_esc(message)}</code></p>'
-        f'<p class="dyconv-why"><b>What it means:</b> {_esc(why)}</p></div>'
+        f'<div class="dyconv-error"><p><b>{_esc(where)} raised {_esc(exc)}:</b><br><code>{_prose(message)}</code></p>'
+        f'<p class="dyconv-why"><b>What it means:</b> {_prose(why)}</p></div>'
     )
 
 
@@ -291,12 +294,12 @@ def formula(*lines: str) -> str:
 
 
 def note(text: str) -> str:
-    return f'<div class="dyconv-note"><p>{_esc(text)}</p></div>'
+    return f'<div class="dyconv-note"><p>{_prose(text)}</p></div>'
 
 
 def ok(*lines: str) -> str:
     """Lines of a result that worked, one per line."""
-    return f'<div class="dyconv-ok"><p>{"<br>".join(_esc(line) for line in lines)}</p></div>'
+    return f'<div class="dyconv-ok"><p>{"<br>".join(_prose(line) for line in lines)}</p></div>'
 
 
 @functools.lru_cache(maxsize=None)

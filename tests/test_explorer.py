@@ -62,7 +62,7 @@ def test_fallback_reads_without_script_or_stylesheet() -> None:
     assert '<p class="dyconv-title"><b>A toy explorer &lt;a, b&gt;</b></p>' in text
     assert '</select></label> <label>b long label = <select data-param="b" disabled>' in text
     assert '<p class="dyconv-caption"><b>Result</b></p>' in text
-    assert '<td class="dyconv-shape">[2, 3]</td>' in text
+    assert '<table class="dyconv-shapes"><tr><td>x</td><td>[a, b]</td><td>[2, 3]</td></tr></table>' in text
     # The default setting is shown before any script runs.
     assert f'<div data-role="result">{render(2, 3)["result"]}</div>' in text
     options = re.search(r'<select data-param="a" disabled>(.*?)</select>', text).group(1)
@@ -77,10 +77,15 @@ def test_fallback_is_deterministic_and_offline() -> None:
 
 
 def test_error_fragment_holds_message_and_sentence() -> None:
-    fragment = error("F.conv2d", "RuntimeError", "expected <3> channels", "Axis 1 holds C = 4.")
+    fragment = error("F.conv2d", "RuntimeError", "expected <3> channels", "Axis 1 of [O, C, k, k] holds C = 4.")
+    # A shape never breaks across lines, in the message or in the sentence.
     assert fragment == (
         '<div class="dyconv-error"><p><b>F.conv2d raised RuntimeError:</b><br><code>expected &lt;3&gt; channels'
-        '</code></p><p class="dyconv-why"><b>What it means:</b> Axis 1 holds C = 4.</p></div>'
+        '</code></p><p class="dyconv-why"><b>What it means:</b> Axis 1 of <span class="dyconv-nowrap">[O, C, k, k]'
+        '</span> holds C = 4.</p></div>'
+    )
+    assert ok("a [2, 3]", "b") == (
+        '<div class="dyconv-ok"><p>a <span class="dyconv-nowrap">[2, 3]</span><br>b</p></div>'
     )
     assert formula("H' < 1", "b") == '<pre class="dyconv-formula">H\' &lt; 1\nb</pre>'
 

@@ -29,12 +29,13 @@ ERROR = re.compile(
 
 def shown_text(fragment: str) -> str:
     """The text a reader sees, with runs of white space as one space."""
-    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", fragment)).split())
+    inline = re.sub(r"</?span[^>]*>", "", fragment)  # spans keep shapes on one line, inside a text
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", inline)).split())
 
 
 def errors(fragments: Dict[str, str]) -> List[Tuple[str, str, str, str]]:
     """(where, exception type, torch's message, sentence) of every error the fragments show."""
-    found = [tuple(html.unescape(part) for part in m) for m in ERROR.findall("".join(fragments.values()))]
+    found = [tuple(shown_text(part) for part in m) for m in ERROR.findall("".join(fragments.values()))]
     assert len(found) == "".join(fragments.values()).count('class="dyconv-error"'), "an error without its sentence"
     return found  # type: ignore[return-value]
 

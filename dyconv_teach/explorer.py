@@ -61,7 +61,7 @@ NOT_LIVE = (
 )
 
 _CSS = """<style>
-.dyconv-explorer{border:1px solid #d0d7de;border-radius:6px;padding:.7em 1em;margin:.6em 0;color:#1f2328;background:#fff}
+.dyconv-explorer{border:1px solid #d0d7de;border-radius:6px;padding:.7em 1em;margin:.6em 0;color:#1f2328;background:#fff;line-height:1.45}
 .dyconv-explorer p{margin:.3em 0}
 .dyconv-explorer .dyconv-title{font-size:1.05em;margin:0 0 .4em}
 .dyconv-explorer .dyconv-notice{background:#fff8c5;border-left:4px solid #d4a72c;padding:.35em .6em}

@@ -200,7 +200,7 @@ def grouped_conv_shapes(C: int, O: int, g: int, k: int = 3, H: int = 8, B: int =
         return GroupedConvShapes(tuple(x.shape), None, None, str(exc))
     output = tuple(F.conv2d(x, weight, groups=g).shape)
     c, o = C // g, O // g
-    split = tuple((range(j * c, (j + 1) * c), range(j * o, (j + 1) * o)) for j in range(g))
+    split = tuple((range(i * c, (i + 1) * c), range(i * o, (i + 1) * o)) for i in range(g))
     return GroupedConvShapes(tuple(x.shape), tuple(weight.shape), output, None, split, weight.numel(), O * C * k * k)
 
 

@@ -84,9 +84,8 @@ def _render_grouped(C: int, O: int, g: int) -> Fragments:
         shapes = table(rows) + error("nn.Conv2d(C, O, k, groups=g)", "ValueError", r.error, why)
         return {"shapes": shapes, "split": note("no channel split to show"), "diagram": note("no wiring to draw")}
     rows.append(("output", "[B, O, H', W']", shape_text(r.output)))
-    split = [
-        f"group {j}: input channels {_span(ins)} -> output channels {_span(outs)}" for j, (ins, outs) in enumerate(r.split)
-    ]
+    split = [f"group {i}: input channels {_span(ins)} -> output channels {_span(outs)}"
+             for i, (ins, outs) in enumerate(r.split)]
     assert r.weight is not None  # no error, so the layer was built
     k = r.weight[-1]
     params = (

@@ -2,8 +2,8 @@
 
 Starts JupyterLab (with jupyterlab-myst, from requirements.txt) on 127.0.0.1 with a token, over a
 temporary copy of ``book/`` so that nothing it saves reaches the repository, and opens the
-chapters in headless Chromium (Playwright) as a new reader would: freshly, untrusted, kernel not
-run. The server is stopped by its process id at the end.
+chapters in headless Chromium (the ``browser`` fixture of conftest.py) as a new reader would:
+freshly, untrusted, kernel not run. The server is stopped by its process id at the end.
 
 The folding of solutions follows the recipe in the README ("Maintaining the book"). Chapters
 named in :data:`SOLUTIONS_NOT_FOLDED_YET` predate it; their folding checks are expected to fail
@@ -31,8 +31,6 @@ import pytest
 # Set DYCONV_BOOK_DIR to check another copy of the chapters (e.g. a scratch rewrite).
 BOOK = Path(os.environ.get("DYCONV_BOOK_DIR", Path(__file__).resolve().parents[1] / "book"))
 CHAPTERS = sorted(p.stem for p in BOOK.glob("[0-9][0-9]_*.ipynb"))
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 TOKEN = "dyconv-test-token"
 
 #: Chapters whose solutions are not yet folded as the README's recipe says (first edition).
@@ -150,19 +148,6 @@ def lab() -> Iterator[str]:
                 os.kill(server.pid, signal.SIGKILL)
                 server.wait()
             log.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
-    executable = shutil.which("chromium") or "/usr/bin/chromium"
-    with sync_api.sync_playwright() as p:
-        try:
-            chromium = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        except Exception as exc:  # no binary, or it cannot start here
-            pytest.skip(f"cannot launch Chromium ({executable}): {exc}")
-        yield chromium
-        chromium.close()
 
 
 def open_chapter(browser: Any, lab: str, chapter: str) -> Tuple[Any, Any]:

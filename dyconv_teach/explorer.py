@@ -82,6 +82,9 @@ _CSS = """<style>
 .dyconv-explorer .dyconv-note{background:#f6f8fa;border-left:4px solid #d0d7de;color:#57606a}
 .dyconv-explorer pre.dyconv-formula{white-space:pre-wrap;background:#f6f8fa;border:0;border-left:4px solid #8c959f;border-radius:0}
 .dyconv-explorer .dyconv-nowrap{white-space:nowrap}
+@media (max-width:600px){.dyconv-explorer table.dyconv-shapes tr{display:block;border-bottom:1px solid #eaeef2;padding:.1em 0}
+.dyconv-explorer table.dyconv-shapes td{display:inline-block;border:0;padding:0 .9em 0 0}
+.dyconv-explorer table.dyconv-shapes td:first-child{display:block}}
 .dyconv-explorer img{max-width:100%;height:auto;display:block}
 </style>"""
 
@@ -271,7 +274,8 @@ def _prose(text: str) -> str:
 
 
 def table(rows: Iterable[Tuple[str, str, str]]) -> str:
-    """Rows of (what, symbolic shape, shape); no cell wraps, a narrow screen scrolls the table."""
+    """Rows of (what, symbolic shape, shape). No cell wraps: on a narrow screen each row puts
+    ``what`` above its two shapes, and the table scrolls if that is still too wide."""
     body = "".join(f"<tr><td>{_esc(a)}</td><td>{_esc(b)}</td><td>{_esc(c)}</td></tr>" for a, b, c in rows)
     return f'<div class="dyconv-scroll"><table class="dyconv-shapes">{body}</table></div>'
 
@@ -289,8 +293,8 @@ def error(where: str, exc: str, message: str, why: str) -> str:
 
 
 def formula(*lines: str) -> str:
-    """Lines of arithmetic in monospace, one per line."""
-    return f'<pre class="dyconv-formula">{_esc(chr(10).join(lines))}</pre>'
+    """Lines of arithmetic in monospace, one per line (a narrow screen wraps them between shapes)."""
+    return f'<pre class="dyconv-formula">{_prose(chr(10).join(lines))}</pre>'
 
 
 def note(text: str) -> str:

@@ -87,7 +87,7 @@ def test_error_fragment_holds_message_and_sentence() -> None:
     assert ok("a [2, 3]", "b") == (
         '<div class="dyconv-ok"><p>a <span class="dyconv-nowrap">[2, 3]</span><br>b</p></div>'
     )
-    assert formula("H' < 1", "b") == '<pre class="dyconv-formula">H\' &lt; 1\nb</pre>'
+    assert formula("[1] < 1", "b") == '<pre class="dyconv-formula"><span class="dyconv-nowrap">[1]</span> &lt; 1\nb</pre>'
 
 
 def test_live_widget_reruns_on_slider_moves() -> None:

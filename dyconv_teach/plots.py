@@ -1,23 +1,238 @@
-"""Wiring diagrams of grouped convolution and of the batch-as-groups trick.
+"""The book's diagrams, drawn by code from real tensors.
 
-Both functions return a figure already closed in pyplot: a notebook cell shows
-it exactly once when it returns or displays it, and ``fig = draw_...()``
-shows nothing; :mod:`dyconv_teach.widgets` saves it as SVG.
-Channels are dots: inputs on the top row, outputs on the bottom row; a line
-joins an input channel to every output channel whose kernel reads it.
+- :func:`draw_dynamic_convolution`: dynamic convolution itself, after Figure 3 of
+  Chen et al. (CVPR 2020), with every box labelled by the shape of the tensor a
+  real :class:`~dyconv_teach.DynamicConv2d` forward makes there.
+- :func:`draw_channel_layouts`: which sample's channels and kernels land where in
+  ``x.reshape(1, B*C, H, W)``, in the blog post's weight ``[O, B*C/g, k, k]`` and
+  in the correct ``[B*O, C/g, k, k]``, read off reshaped tensors.
+- :func:`draw_group_wiring`, :func:`draw_batch_as_groups`: wiring diagrams of
+  grouped convolution and of the batch-as-groups trick. Channels are dots, inputs
+  on the top row, outputs on the bottom row; a line joins an input channel to
+  every output channel whose kernel reads it.
+
+Notation: ``k`` is the kernel size; the bank ``Theta`` ``[K, O, C/g, k, k]`` holds
+the K kernels ``Theta_j``; sample ``b``'s mixed kernel is
+``Theta~_b = sum_j pi[b, j] Theta_j``. Every function returns a figure already
+closed in pyplot: a notebook cell shows it exactly once when it returns or
+displays it, and ``fig = draw_...()`` shows nothing; :mod:`dyconv_teach.explorer`
+saves it as SVG.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+import re
+import textwrap
+from typing import Any, Dict, List, Sequence, Tuple
 
 import matplotlib.pyplot as plt
+import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import FancyBboxPatch, Rectangle
+from torch import Tensor
 
-__all__ = ["draw_group_wiring", "draw_batch_as_groups"]
+from .explain import BLOG_VIEW, conv2d_problem
+from .layers import DynamicConv2d
+from .shapes import Shape, shape_text
+
+__all__ = ["draw_dynamic_convolution", "draw_channel_layouts", "draw_group_wiring", "draw_batch_as_groups"]
 
 _TOP, _BOTTOM = 1.0, 0.0
+#: Samples drawn in full by :func:`draw_batch_as_groups`; a larger batch shows its first
+#: samples, an ellipsis and its last sample, so the labels keep a readable size.
+MAX_DRAWN_SAMPLES = 4
+
+
+def _sample_color(b: int) -> Any:
+    return plt.get_cmap("tab10")(b % 10)
+
+
+def _close(fig: Figure) -> Figure:
+    # Closed, so the inline backend does not show it a second time at the end of the cell.
+    plt.close(fig)
+    return fig
+
+
+# -- dynamic convolution, after the paper's Figure 3 ---------------------------------------------
+
+
+def _box(ax: Axes, x: float, y: float, name: str, shape: Shape, color: Any = "#f6f8fa", width: float = 2.0) -> None:
+    """A box centred at ``(x, y)``, labelled ``name`` over ``shape``."""
+    ax.add_patch(FancyBboxPatch((x - width / 2, y - 0.3), width, 0.6, boxstyle="round,pad=0.04",
+                                facecolor=color, edgecolor="#57606a", lw=1))
+    ax.text(x, y, f"{name}\n{shape_text(shape)}", ha="center", va="center", fontsize=10)
+
+
+def _arrow(ax: Axes, *points: Tuple[float, float]) -> None:
+    """A line through ``points`` with an arrow head at the last one."""
+    xs, ys = zip(*points)
+    ax.plot(xs[:-1], ys[:-1], color="#57606a", lw=1.2)
+    ax.annotate("", xy=points[-1], xytext=points[-2], arrowprops={"arrowstyle": "-|>", "color": "#57606a",
+                                                                  "lw": 1.2, "shrinkA": 0, "shrinkB": 0})
+
+
+def _stack(ax: Axes, x: float, y: float, labels: Sequence[str]) -> Tuple[float, float]:
+    """Blocks piled from ``(x, y)`` up and to the right, the first in front; returns the pile's top right."""
+    w, h, dx, dy = 0.9, 0.55, 0.22, 0.2
+    for i in reversed(range(len(labels))):
+        left, bottom = x + dx * i, y + dy * i
+        ax.add_patch(Rectangle((left, bottom), w, h, facecolor="#fff8c5", edgecolor="#1f2328", lw=0.8))
+        # The front block shows its label in the middle, the others in the strip left visible.
+        at = (left + w / 2, bottom + h / 2) if i == 0 else (left + w - 0.2, bottom + h - 0.1)
+        ax.text(*at, labels[i], ha="center", va="center", fontsize=9 if i == 0 else 7)
+    return x + dx * (len(labels) - 1) + w, y + dy * (len(labels) - 1) + h
+
+
+def draw_dynamic_convolution(layer: DynamicConv2d, x: Tensor) -> Figure:
+    """Dynamic convolution of ``x`` ``[B, C, H, W]`` by ``layer``, every box labelled with its shape.
+
+    The shapes are those of a real forward pass: the attention branch (avgpool,
+    FC, ReLU, FC, softmax or sigmoid of logits / tau) gives ``pi`` ``[B, K]``; the
+    bank ``Theta`` ``[K, O, C/g, k, k]`` holds the K kernels ``Theta_j``; the mix
+    ``Theta~_b = sum_j pi[b, j] Theta_j`` gives one kernel per sample
+    ``[B, O, C/g, k, k]``; convolving sample ``b`` with ``Theta~_b`` gives
+    ``y`` ``[B, O, H', W']``.
+    """
+    seen: Dict[str, Shape] = {}
+
+    def record(name: str) -> Any:
+        def hook(_module: Any, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
+            seen[f"{name} in"], seen[name] = tuple(inputs[0].shape), tuple(output.shape)
+        return hook
+
+    handles = [layer.fc1.register_forward_hook(record("fc1")), layer.fc2.register_forward_hook(record("fc2"))]
+    try:
+        with torch.no_grad():
+            y = layer(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    pi = layer.last_attention
+    assert pi is not None  # set by the forward above
+    K = layer.num_kernels
+    bank = layer.bank.detach()  # [K, O, C/g, kH, kW]
+    mixed = torch.einsum("bj,j...->b...", pi, bank)  # Theta~_b = sum_j pi[b, j] Theta_j
+
+    fig, ax = plt.subplots(figsize=(5.6, 6.6))
+    left, right, blue, green = 1.45, 4.3, "#ddf4ff", "#effaf1"
+    squash = "softmax" if layer.routing == "softmax" else "sigmoid"
+    chain = [("x", tuple(x.shape)), ("avgpool", seen["fc1 in"]), ("FC", seen["fc1"]), ("ReLU", seen["fc2 in"]),
+             ("FC: logits", seen["fc2"]), (f"$\\pi$ = {squash}(logits / $\\tau$)", tuple(pi.shape))]
+    ys = [6.7 - 1.0 * i for i in range(len(chain))]
+    for i, ((name, shape), cy) in enumerate(zip(chain, ys)):
+        _box(ax, left, cy, name, shape, color="#f6f8fa" if i == 0 else blue)
+        if i:
+            _arrow(ax, (left, ys[i - 1] - 0.34), (left, cy + 0.34))
+    ax.text(left + 1.1, (ys[1] + ys[-1]) / 2, f"attention branch\n$\\tau$ = {layer.temperature:g}", rotation=90,
+            ha="left", va="center", fontsize=9, color="#0969da")
+    y_pi = ys[-1]
+
+    shown = min(K, 5)
+    labels = [f"$\\Theta_{{{j}}}$" for j in range(shown)]
+    if shown < K:
+        labels[-2:] = ["...", f"$\\Theta_{{{K - 1}}}$"]
+    top_right = _stack(ax, right - 0.9, 4.3, labels)
+    ax.text(right, top_right[1] + 0.15, f"bank $\\Theta$, K = {K} kernels\n{shape_text(tuple(bank.shape))}",
+            ha="center", va="bottom", fontsize=10)
+    ax.text(right, 4.2, f"each $\\Theta_j$ {shape_text(tuple(bank.shape[1:]))}", ha="center", va="top", fontsize=9)
+    _box(ax, right, y_pi, "mix $\\Sigma_j\\,\\pi_{b,j}\\,\\Theta_j$", tuple(mixed.shape), color="#fff8c5",
+         width=2.4)
+    _arrow(ax, (right, 3.75), (right, y_pi + 0.34))
+    _arrow(ax, (left + 1.0, y_pi), (right - 1.24, y_pi))
+    ax.text(right, y_pi - 0.38, "one kernel $\\tilde\\Theta_b$ per sample", ha="center", va="top", fontsize=9)
+
+    y_out = y_pi - 1.6
+    _box(ax, right, y_out, "y: x[b] conv $\\tilde\\Theta_b$", tuple(y.shape), color=green, width=2.4)
+    _arrow(ax, (right, y_pi - 0.75), (right, y_out + 0.34))
+    # x also goes straight to the convolution, down the left margin.
+    _arrow(ax, (left - 1.0, ys[0]), (0.2, ys[0]), (0.2, y_out), (right - 1.24, y_out))
+    ax.set_xlim(0, 5.6)
+    ax.set_ylim(y_out - 0.5, 7.1)
+    ax.axis("off")
+    fig.tight_layout()
+    return _close(fig)
+
+
+# -- where the channels land -----------------------------------------------------------------------
+
+
+def _cells(ax: Axes, x0: float, y0: float, owner: Tensor, text: Sequence[Sequence[str]]) -> None:
+    """One unit cell per entry of ``owner`` ``[rows, cols]``, row 0 on top with its top edge at ``y0``,
+    coloured by the sample that owns it."""
+    rows, cols = owner.shape
+    for r in range(rows):
+        for c in range(cols):
+            ax.add_patch(Rectangle((x0 + c, y0 - r - 1), 1, 1, facecolor=_sample_color(int(owner[r, c])),
+                                   alpha=0.55, edgecolor="white", lw=1.5))
+            ax.text(x0 + c + 0.5, y0 - r - 0.5, text[r][c], ha="center", va="center", fontsize=9)
+
+
+def draw_channel_layouts(B: int, C: int, O: int, g: int = 1, k: int = 3, H: int = 9) -> Figure:
+    """Which sample owns each channel of ``x.reshape(1, B*C, H, W)`` and each kernel
+    slice of the two weight layouts, the blog post's ``[O, B*C/g, k, k]`` and the
+    correct ``[B*O, C/g, k, k]``. Colours mark samples.
+
+    A weight's cell is one ``k x k`` slice (row: axis 0, the kernels; column: axis 1,
+    the input channels), labelled ``o,c``: the output and input channel it had in its
+    sample's kernel ``[O, C/g, k, k]``. The layouts are read off real reshapes of
+    tensors that hold their own indices.
+
+    Raises:
+        ValueError: if ``g`` does not divide ``C`` and ``O``, or ``B < 1``.
+    """
+    _check_divides(g, C=C, O=O)
+    if B < 1:
+        raise ValueError(f"B must be >= 1, got {B}")
+    c_g = C // g
+    # Every entry holds its own index, so the reshapes say where each one goes.
+    x = torch.arange(B * C).reshape(B, C, 1, 1).expand(B, C, H, H)
+    folded = x.reshape(1, B * C, H, H)
+    kernels = torch.arange(B * O * c_g).reshape(B, O, c_g, 1, 1).expand(B, O, c_g, k, k)
+    blog = kernels.reshape(O, -1, k, k)  # the blog's .view(out_planes, -1, k, k) (reshape: kernels is expanded)
+    correct = kernels.reshape(B * O, c_g, k, k)
+
+    def owners(w: Tensor) -> Tuple[Tensor, List[List[str]]]:
+        index = w[:, :, 0, 0]
+        o, c = index % (O * c_g) // c_g, index % c_g
+        return index // (O * c_g), [[f"{int(a)},{int(b)}" for a, b in zip(ro, rc)] for ro, rc in zip(o, c)]
+
+    problem = conv2d_problem(tuple(folded.shape), tuple(blog.shape), g * B, BLOG_VIEW)
+    # No line break inside a shape: its spaces become non-breaking ones, which textwrap keeps.
+    unbroken = re.sub(r"\[[^\]]*\]", lambda m: m.group().replace(" ", "\u00a0"),
+                      problem or "B = 1: the blog's .view gives the correct layout.")
+    why = textwrap.fill(unbroken, max(30, 6 * blog.shape[1] + 8))
+    under = 0.55 * (why.count("\n") + 1) + 0.7 * B + 1.0  # the note and the legend under the blog's weight
+    gap = 2.5
+    width = blog.shape[1] + gap + correct.shape[1]
+    rows = max(correct.shape[0], blog.shape[0] + under)
+    height = 4.4 + rows
+    fig, ax = plt.subplots(figsize=(0.42 * width + 0.6, 0.42 * height))
+    channels = folded[0, :, 0, 0]
+    _cells(ax, 0, height - 1.2, (channels // C)[None], [[f"c{int(i) % C}" for i in channels]])
+    ax.text(0, height - 1.0, f"x.reshape(1, B*C, H, W) {shape_text(tuple(folded.shape))}: channel axis",
+            fontsize=10, va="bottom")
+    top = height - 4.4
+    _cells(ax, 0, top, *owners(blog))
+    ax.text(0, top + 0.2, f"blog: .view(O, -1, k, k)\n{shape_text(tuple(blog.shape))}, axis 1 = B*C/g",
+            fontsize=10, va="bottom")
+    ax.text(0, top - blog.shape[0] - 0.4, why, fontsize=9, va="top")
+    for b in range(B):
+        y = top - rows + 0.7 * (B - b) - 0.6
+        ax.add_patch(Rectangle((0, y), 0.8, 0.5, facecolor=_sample_color(b), alpha=0.55))
+        ax.text(1.0, y + 0.25, f"sample b={b}", fontsize=9, va="center")
+    x_ok = blog.shape[1] + gap
+    _cells(ax, x_ok, top, *owners(correct))
+    ax.text(x_ok, top + 0.2, f"correct:\n{shape_text(tuple(correct.shape))}", fontsize=10, va="bottom")
+    ax.set_xlim(-0.1, width + 0.1)
+    ax.set_ylim(top - rows - 0.1, height)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.tight_layout()
+    return _close(fig)
+
+
+# -- wiring diagrams ----------------------------------------------------------------------------------
 
 
 def _check_divides(g: int, **channels: int) -> None:
@@ -29,34 +244,35 @@ def _check_divides(g: int, **channels: int) -> None:
             raise ValueError(f"g={g} must divide {name}={n} (each group gets {name}/g channels)")
 
 
-def _row_x(n: int, width: float) -> List[float]:
-    """``n`` evenly spaced x positions centred in ``[0, width]``."""
+def _row_x(n: int, x0: float, width: float) -> List[float]:
+    """``n`` evenly spaced x positions centred in ``[x0, x0 + width]``."""
     step = width / n
-    return [step * (i + 0.5) for i in range(n)]
+    return [x0 + step * (i + 0.5) for i in range(n)]
 
 
 def _wire_groups(
-    ax: Axes, n_in: int, n_out: int, groups: int, colors: Sequence[Any], width: float, labels: Sequence[str]
+    ax: Axes, n_in: int, n_out: int, groups: int, colors: Sequence[Any], x0: float, width: float,
+    labels: Sequence[str],
 ) -> None:
-    """Draw ``n_in`` input and ``n_out`` output dots split into ``groups`` equal
-    blocks, block ``j`` in ``colors[j]``, fully wired within each block only."""
-    xs_in, xs_out = _row_x(n_in, width), _row_x(n_out, width)
+    """Draw ``n_in`` input and ``n_out`` output dots in ``[x0, x0 + width]``, split into
+    ``groups`` equal blocks, block ``i`` in ``colors[i]``, fully wired within each block only."""
+    xs_in, xs_out = _row_x(n_in, x0, width), _row_x(n_out, x0, width)
     c, o = n_in // groups, n_out // groups
-    for j in range(groups):
-        color = colors[j]
-        for i in range(j * c, (j + 1) * c):
-            for m in range(j * o, (j + 1) * o):
-                ax.plot([xs_in[i], xs_out[m]], [_TOP, _BOTTOM], color=color, alpha=0.45, lw=1, zorder=1)
-        ax.scatter(xs_in[j * c : (j + 1) * c], [_TOP] * c, s=90, color=color, edgecolor="black", zorder=2)
-        ax.scatter(xs_out[j * o : (j + 1) * o], [_BOTTOM] * o, s=90, marker="s", color=color, edgecolor="black",
+    for i in range(groups):
+        color = colors[i]
+        for a in range(i * c, (i + 1) * c):
+            for m in range(i * o, (i + 1) * o):
+                ax.plot([xs_in[a], xs_out[m]], [_TOP, _BOTTOM], color=color, alpha=0.45, lw=1, zorder=1)
+        ax.scatter(xs_in[i * c : (i + 1) * c], [_TOP] * c, s=90, color=color, edgecolor="black", zorder=2)
+        ax.scatter(xs_out[i * o : (i + 1) * o], [_BOTTOM] * o, s=90, marker="s", color=color, edgecolor="black",
                    zorder=2)
-        left = (xs_in[j * c] + xs_out[j * o]) / 2 - 0.3
-        right = (xs_in[(j + 1) * c - 1] + xs_out[(j + 1) * o - 1]) / 2 + 0.3
-        ax.text((left + right) / 2, 0.5, labels[j], ha="center", va="center", fontsize=9,
+        left = (xs_in[i * c] + xs_out[i * o]) / 2 - 0.3
+        right = (xs_in[(i + 1) * c - 1] + xs_out[(i + 1) * o - 1]) / 2 + 0.3
+        ax.text((left + right) / 2, 0.5, labels[i], ha="center", va="center", fontsize=9,
                 bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": color})
 
 
-def _finish(fig: Figure, ax: Axes, width: float, top: str, bottom: str) -> None:
+def _finish(fig: Figure, ax: Axes, width: float, top: str, bottom: str) -> Figure:
     """Name the two rows, hide the axes, lay the figure out and detach it from pyplot."""
     ax.text(-0.2, _TOP, top, ha="right", va="center", fontsize=10)
     ax.text(-0.2, _BOTTOM, bottom, ha="right", va="center", fontsize=10)
@@ -64,8 +280,7 @@ def _finish(fig: Figure, ax: Axes, width: float, top: str, bottom: str) -> None:
     ax.set_ylim(-0.35, 1.35)
     ax.axis("off")
     fig.tight_layout()
-    # Closed, so the inline backend does not show it a second time at the end of the cell.
-    plt.close(fig)
+    return _close(fig)
 
 
 def draw_group_wiring(C: int, O: int, g: int) -> Figure:
@@ -78,36 +293,41 @@ def draw_group_wiring(C: int, O: int, g: int) -> Figure:
     _check_divides(g, C=C, O=O)
     width = float(max(C, O))
     fig, ax = plt.subplots(figsize=(1.6 + 0.45 * width, 2.2))
-    colors = [plt.get_cmap("tab10")(j % 10) for j in range(g)]
-    labels = [f"group {j}" if width / g >= 2 else str(j) for j in range(g)]
-    _wire_groups(ax, C, O, g, colors, width, labels)
+    colors = [plt.get_cmap("tab10")(i % 10) for i in range(g)]
+    labels = [f"group {i}" if width / g >= 2 else str(i) for i in range(g)]
+    _wire_groups(ax, C, O, g, colors, 0.0, width, labels)
     ax.set_title(f"g={g}: each kernel [C/g, k, k] reads {C // g} of the {C} input channels", fontsize=10)
-    _finish(fig, ax, width, f"input C={C}", f"output O={O}")
-    return fig
+    return _finish(fig, ax, width, f"input C={C}", f"output O={O}")
 
 
 def draw_batch_as_groups(B: int, C: int, O: int, g: int = 1) -> Figure:
     """The batch-as-groups trick: ``B`` samples of ``C`` channels become one
-    sample of ``B*C`` channels in ``B*g`` groups; group ``(b, j)`` meets only
-    sample ``b``'s aggregated kernels, and the ``B*O`` outputs view back to
-    ``[B, O, H', W']``. Colors mark samples, labels ``b.j`` mark groups.
+    sample of ``B*C`` channels in ``B*g`` groups; the groups of sample ``b`` meet
+    only its mixed kernels ``Theta~_b``, and the ``B*O`` outputs view back to
+    ``[B, O, H', W']``. Colors mark samples; ``#i`` marks group ``i`` of a sample.
+    A batch larger than :data:`MAX_DRAWN_SAMPLES` draws its first samples, an
+    ellipsis and its last sample.
 
     Raises:
-        ValueError: if ``g`` does not divide ``C`` and ``O``.
+        ValueError: if ``g`` does not divide ``C`` and ``O``, or ``B < 1``.
     """
     _check_divides(g, C=C, O=O)
     if B < 1:
         raise ValueError(f"B must be >= 1, got {B}")
-    width = float(B * max(C, O))
+    drawn = list(range(B)) if B <= MAX_DRAWN_SAMPLES else [*range(MAX_DRAWN_SAMPLES - 2), None, B - 1]
+    block = float(max(C, O))
+    width = block * len(drawn)
     fig, ax = plt.subplots(figsize=(2.4 + 0.38 * width, 2.8))
-    tab10 = plt.get_cmap("tab10")
-    colors = [tab10(b % 10) for b in range(B) for _ in range(g)]
-    labels = [f"W_{b}" if g == 1 else f"W_{b}.{j}" for b in range(B) for j in range(g)]
-    _wire_groups(ax, B * C, B * O, B * g, colors, width, labels)
-    for b, x in enumerate(_row_x(B, width)):
-        ax.text(x, 1.22, f"sample b={b}", ha="center", va="center", fontsize=9, color=tab10(b % 10))
-        ax.text(x, -0.22, f"out[{b}]", ha="center", va="center", fontsize=9, color=tab10(b % 10))
-    ax.set_title(f"groups = B*g = {B * g}: sample b meets only its own kernels W_b;\n"
+    for slot, b in enumerate(drawn):
+        x0 = slot * block
+        if b is None:
+            hidden = f"b = {MAX_DRAWN_SAMPLES - 2}..{B - 2}" if B - 2 > MAX_DRAWN_SAMPLES - 2 else f"b = {B - 2}"
+            ax.text(x0 + block / 2, 0.5, f"...\n{hidden}\nnot drawn\n...", ha="center", va="center", fontsize=9)
+            continue
+        labels = [f"$\\tilde{{\\Theta}}_{{{b}}}$" + (f" #{i}" if g > 1 else "") for i in range(g)]
+        _wire_groups(ax, C, O, g, [_sample_color(b)] * g, x0, block, labels)
+        ax.text(x0 + block / 2, 1.22, f"sample b={b}", ha="center", va="center", fontsize=9, color=_sample_color(b))
+        ax.text(x0 + block / 2, -0.22, f"out[{b}]", ha="center", va="center", fontsize=9, color=_sample_color(b))
+    ax.set_title(f"groups = B*g = {B * g}: sample b meets only its own kernels;\n"
                  f"the output [1, B*O, H', W'] is viewed back to [B={B}, O={O}, H', W']", fontsize=10)
-    _finish(fig, ax, width, f"x.reshape(1, B*C={B * C}, H, W)", f"[1, B*O={B * O}, H', W']")
-    return fig
+    return _finish(fig, ax, width, f"x.reshape(1, B*C={B * C}, H, W)", f"[1, B*O={B * O}, H', W']")

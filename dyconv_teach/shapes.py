@@ -4,19 +4,22 @@ The three explorers of :mod:`dyconv_teach.widgets` only render what these plain
 functions return, so the tests and the notebooks can call them directly:
 
 - :func:`static_conv_shapes`: one ``F.conv2d`` call, and the output-size formula.
-- :func:`grouped_conv_shapes`: a grouped ``F.conv2d`` call and its parameter count.
-- :func:`batch_kernel_shapes`: the naive 5-D weight, the seed's ``.view`` and the
-  batch-as-groups trick, each shape recorded from the ``F.conv2d`` call it makes.
+- :func:`grouped_conv_shapes`: a grouped convolution and its parameter count.
+- :func:`batch_kernel_shapes`: the mixing of the K kernels, the naive 5-D weight,
+  the blog post's ``.view`` and the batch-as-groups trick, each shape recorded
+  from the torch call it makes.
 
 Every torch error is caught and returned as its real message, never retyped.
+:data:`EXAMPLE` is the book's running example.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -27,6 +30,9 @@ from .reference import naive_conv2d, per_sample_conv2d, seed_dynamic_conv2d
 
 __all__ = [
     "Shape",
+    "Example",
+    "EXAMPLE",
+    "shape_text",
     "Conv2dCall",
     "record_conv2d_calls",
     "conv2d_output_size",
@@ -40,6 +46,27 @@ __all__ = [
 ]
 
 Shape = Tuple[int, ...]
+
+
+class Example(NamedTuple):
+    """Sizes of a running example, in the book's notation."""
+
+    B: int  # samples in the batch
+    C: int  # input channels
+    O: int  # output channels
+    K: int  # kernels in the bank, indexed by j
+    k: int  # kernel size, k x k
+    H: int  # input height (and width W = H)
+
+
+#: The book's running example. No two of B, C, O, K, k and H' = H - k + 1 = 7 are
+#: equal, so each number in a shape tells which axis it is; g is 1 or 2.
+EXAMPLE = Example(B=2, C=4, O=6, K=5, k=3, H=9)
+
+def shape_text(shape: Optional[Shape]) -> str:
+    """``"[2, 6, 4, 3, 3]"``, or ``"-"`` for no shape."""
+    return "-" if shape is None else "[" + ", ".join(str(n) for n in shape) + "]"
+
 
 #: The formula of the ``torch.nn.Conv2d`` docstring, in the book's notation.
 OUTPUT_SIZE_FORMULA = "H' = floor((H + 2*padding - dilation*(k - 1) - 1) / stride + 1)"
@@ -152,9 +179,9 @@ class GroupedConvShapes:
     """A grouped convolution with ``g`` groups, and what grouping saves."""
 
     input: Shape
-    weight: Shape  # [O, C//g, k, k] (C//g rounds down when g does not divide C)
+    weight: Optional[Shape]  # [O, C/g, k, k]; None when g does not divide C and O
     output: Optional[Shape]
-    error: Optional[str]
+    error: Optional[str]  # nn.Conv2d's message when g does not divide C or O
     #: per group: (input channels, output channels), as ``range``s; empty on error
     split: Tuple[Tuple[range, range], ...] = field(default=())
     params: int = 0  # weight entries of this layer, O * C/g * k * k
@@ -162,47 +189,65 @@ class GroupedConvShapes:
 
 
 def grouped_conv_shapes(C: int, O: int, g: int, k: int = 3, H: int = 8, B: int = 1) -> GroupedConvShapes:
-    """Run ``F.conv2d(x, weight [O, C//g, k, k], groups=g)`` and report its shapes."""
+    """Build ``nn.Conv2d(C, O, k, groups=g)`` and run ``F.conv2d(x, its weight, groups=g)``.
+
+    When ``g`` does not divide ``C`` and ``O`` there is no weight ``[O, C/g, k, k]``:
+    the result holds the ``ValueError`` that ``nn.Conv2d`` raises.
+    """
     x = torch.zeros(B, C, H, H)
-    weight = torch.zeros(O, C // g, k, k)
     try:
-        output = tuple(F.conv2d(x, weight, groups=g).shape)
-    except RuntimeError as exc:
-        return GroupedConvShapes(tuple(x.shape), tuple(weight.shape), None, str(exc))
+        weight = nn.Conv2d(C, O, k, groups=g, bias=False).weight.detach()
+    except ValueError as exc:
+        return GroupedConvShapes(tuple(x.shape), None, None, str(exc))
+    output = tuple(F.conv2d(x, weight, groups=g).shape)
     c, o = C // g, O // g
-    split = tuple((range(j * c, (j + 1) * c), range(j * o, (j + 1) * o)) for j in range(g))
+    split = tuple((range(i * c, (i + 1) * c), range(i * o, (i + 1) * o)) for i in range(g))
     return GroupedConvShapes(tuple(x.shape), tuple(weight.shape), output, None, split, weight.numel(), O * C * k * k)
 
 
 @dataclass(frozen=True)
 class BatchKernelShapes:
-    """Dynamic convolution of a batch: the naive path, the seed's, the trick's."""
+    """Dynamic convolution of a batch: the kernel mix, the naive path, the blog's, the trick's."""
 
     x: Shape  # [B, C, H, W]
     attention: Shape  # pi, [B, K]
-    bank: Shape  # [K, O, C/g, k, k]
-    aggregated: Shape  # per-sample kernels, [B, O, C/g, k, k]
+    bank: Shape  # Theta, [K, O, C/g, k, k]
+    flat_bank: Shape  # Theta.reshape(K, -1), [K, O*C/g*k*k]
+    mixed: Shape  # pi @ flat_bank, [B, O*C/g*k*k]: K is summed away
+    aggregated: Shape  # one kernel set per sample, [B, O, C/g, k, k]
     naive_error: str  # what F.conv2d says to the 5-D weight
-    seed_call: Conv2dCall  # the seed's F.conv2d call: its .view'ed weight and groups
-    seed_error: Optional[str]  # None when the seed works (B = 1)
-    seed_output: Optional[Shape]  # the seed's final .view, when it works
+    blog_call: Conv2dCall  # the blog code's F.conv2d call: its .view'ed weight and groups
+    blog_error: Optional[str]  # None when the blog code works (B = 1)
+    blog_output: Optional[Shape]  # the blog code's final .view, when it works
     trick_call: Conv2dCall  # x [1, B*C, H, W], weight [B*O, C/g, k, k], groups=B*g
     trick_output: Shape  # [B, O, H', W']
     matches_loop: bool  # the trick equals the per-sample loop (torch.allclose)
 
 
 def batch_kernel_shapes(
-    B: int, K: int, C: int = 4, O: int = 4, g: int = 1, k: int = 3, H: int = 6, seed: int = 0
+    B: int = EXAMPLE.B,
+    K: int = EXAMPLE.K,
+    C: int = EXAMPLE.C,
+    O: int = EXAMPLE.O,
+    g: int = 1,
+    k: int = EXAMPLE.k,
+    H: int = EXAMPLE.H,
+    seed: int = 0,
 ) -> BatchKernelShapes:
     """Push one random batch through the three ways of batching dynamic convolution.
 
-    The attention ``pi`` is a softmax over random logits; the inputs come from a
-    generator seeded with ``seed``, so the result is the same on every run.
+    The bank ``Theta`` holds the K kernels ``Theta_j``; sample ``b``'s kernel is
+    ``sum_j pi[b, j] * Theta_j``. The attention ``pi`` is a softmax over random
+    logits; the tensors come from a generator seeded with ``seed``, so the result
+    is the same on every run.
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, C, H, H, generator=gen)
     bank = torch.randn(K, O, C // g, k, k, generator=gen)
     pi = torch.softmax(torch.randn(B, K, generator=gen), dim=1)
+    # The step where K lives and disappears: [B, K] @ [K, O*C/g*k*k] -> [B, O*C/g*k*k].
+    flat_bank = bank.reshape(K, -1)
+    mixed = pi @ flat_bank
 
     with record_conv2d_calls() as naive:
         try:
@@ -212,13 +257,13 @@ def batch_kernel_shapes(
         else:  # pragma: no cover - torch has always rejected a 5-D weight in conv2d
             raise AssertionError("F.conv2d accepted a 5-D weight")
 
-    seed_error: Optional[str] = None
-    seed_output: Optional[Shape] = None
-    with record_conv2d_calls() as seed_calls:
+    blog_error: Optional[str] = None
+    blog_output: Optional[Shape] = None
+    with record_conv2d_calls() as blog:
         try:
-            seed_output = tuple(seed_dynamic_conv2d(x, bank, pi, groups=g).shape)
+            blog_output = tuple(seed_dynamic_conv2d(x, bank, pi, groups=g).shape)
         except RuntimeError as exc:
-            seed_error = str(exc)
+            blog_error = str(exc)
 
     # The strategy itself, not dynamic_conv2d: inside the core's custom operator the
     # recorder would not see the F.conv2d call.
@@ -230,11 +275,13 @@ def batch_kernel_shapes(
         x=tuple(x.shape),
         attention=tuple(pi.shape),
         bank=tuple(bank.shape),
+        flat_bank=tuple(flat_bank.shape),
+        mixed=tuple(mixed.shape),
         aggregated=naive.calls[0].weight,
         naive_error=naive_error,
-        seed_call=seed_calls.calls[0],
-        seed_error=seed_error,
-        seed_output=seed_output,
+        blog_call=blog.calls[0],
+        blog_error=blog_error,
+        blog_output=blog_output,
         trick_call=trick.calls[0],
         trick_output=tuple(out.shape),
         matches_loop=bool(torch.allclose(out, loop, rtol=1e-4, atol=1e-5)),

@@ -1,12 +1,150 @@
-"""dyconv_teach.plots: the diagrams wire exactly the channels that convolution connects."""
+"""dyconv_teach.plots: every labelled shape is a real tensor's, and the diagrams wire what convolution connects."""
 
 from __future__ import annotations
 
+import re
+from typing import Dict, List, Tuple
+
 import matplotlib.pyplot as plt
 import pytest
+import torch
+import torch.nn.functional as F
 from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-from dyconv_teach.plots import draw_batch_as_groups, draw_group_wiring
+from dyconv_teach import DynamicConv2d
+from dyconv_teach.plots import (
+    MAX_DRAWN_SAMPLES,
+    draw_batch_as_groups,
+    draw_channel_layouts,
+    draw_dynamic_convolution,
+    draw_group_wiring,
+)
+from dyconv_teach.reference import per_sample_conv2d
+from dyconv_teach.shapes import EXAMPLE, batch_kernel_shapes
+
+SHAPE = re.compile(r"\[(\d+(?:, \d+)*)\]")
+Labels = List[Tuple[str, Tuple[int, ...]]]
+
+
+def labelled_shapes(fig: Figure) -> Labels:
+    """(first word of the text, shape) for every numeric shape written in the figure."""
+    found = []
+    for text in fig.findobj(lambda artist: hasattr(artist, "get_text")):
+        value = text.get_text().replace("\u00a0", " ")
+        for match in SHAPE.finditer(value):
+            found.append((value.split()[0], tuple(int(n) for n in match.group(1).split(", "))))
+    return found
+
+
+def assert_closed(fig: Figure) -> None:
+    assert not plt.fignum_exists(fig.number), "the figure must be closed in pyplot (shown once per cell)"
+
+
+# -- dynamic convolution ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B, C, O, K, k, g, H, routing", [
+    (EXAMPLE.B, EXAMPLE.C, EXAMPLE.O, EXAMPLE.K, EXAMPLE.k, 1, EXAMPLE.H, "softmax"),
+    (3, 16, 4, 2, 5, 2, 7, "sigmoid"),
+    (1, 8, 12, 7, 1, 4, 5, "softmax"),
+])
+def test_dynamic_convolution_labels_real_shapes(B: int, C: int, O: int, K: int, k: int, g: int, H: int,
+                                                routing: str) -> None:
+    torch.manual_seed(0)
+    layer = DynamicConv2d(C, O, k, groups=g, num_kernels=K, routing=routing)
+    x = torch.randn(B, C, H, H)
+    fig = draw_dynamic_convolution(layer, x)
+    assert_closed(fig)
+    # The shapes of a real forward pass, step by step.
+    with torch.no_grad():
+        pooled = x.mean(dim=(2, 3))
+        hidden = layer.fc1(pooled)
+        logits = layer.fc2(F.relu(hidden))
+        pi = layer.attention(x)
+        y = layer(x)
+        bank = layer.weight.reshape(K, O, C // g, k, k)
+        # The drawn bank and per-sample kernels are what the layer computes with: the slow reference
+        # with this bank reproduces the layer's output.
+        assert torch.allclose(per_sample_conv2d(x, bank, pi, layer.bias, groups=g), y, atol=1e-5)
+        mixed = torch.einsum("bj,j...->b...", pi, bank)
+    expected: Labels = [
+        ("x", tuple(x.shape)), ("avgpool", tuple(pooled.shape)), ("FC", tuple(hidden.shape)),
+        ("ReLU", tuple(hidden.shape)), ("FC:", tuple(logits.shape)), ("$\\pi$", tuple(pi.shape)),
+        ("bank", tuple(bank.shape)), ("each", tuple(bank.shape[1:])), ("mix", tuple(mixed.shape)),
+        ("y:", tuple(y.shape)),
+    ]
+    assert sorted(labelled_shapes(fig)) == sorted(expected)
+    assert (pi.shape, mixed.shape, y.shape) == ((B, K), (B, O, C // g, k, k), (B, O, H - k + 1, H - k + 1))
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert any(t.startswith(f"$\\pi$ = {routing}(logits / $\\tau$)") for t in texts)
+    thetas = sorted(t for t in texts if t.startswith("$\\Theta_{"))
+    assert thetas == sorted(f"$\\Theta_{{{j}}}$" for j in (range(K) if K <= 5 else (0, 1, 2, K - 1)))
+
+
+# -- channel layouts -------------------------------------------------------------------------------
+
+
+def cells(fig: Figure) -> Dict[Tuple[float, float], Tuple[str, int]]:
+    """(x, y) of each labelled cell -> (its label, the sample its colour stands for)."""
+    tab10 = [to_rgba(plt.get_cmap("tab10")(b), 0.55) for b in range(10)]
+    ax = fig.axes[0]
+    rects = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_width() == 1]
+    found = {}
+    for text in ax.texts:
+        if not re.fullmatch(r"c\d+|\d+,\d+", text.get_text()):
+            continue  # a title or the sentence, not a cell
+        x, y = text.get_position()
+        [rect] = [r for r in rects if r.get_x() < x < r.get_x() + 1 and r.get_y() < y < r.get_y() + 1]
+        found[(x, y)] = (text.get_text(), tab10.index(to_rgba(rect.get_facecolor())))
+    return found
+
+
+def grid(found: Dict[Tuple[float, float], Tuple[str, int]], x_from: float, x_to: float,
+         y_below: float) -> List[List[Tuple[str, int]]]:
+    """The cells with x in [x_from, x_to) and y < y_below, as rows top to bottom."""
+    inside = {p: v for p, v in found.items() if x_from <= p[0] < x_to and p[1] < y_below}
+    ys = sorted({p[1] for p in inside}, reverse=True)
+    return [[v for p, v in sorted(inside.items()) if p[1] == y] for y in ys]
+
+
+@pytest.mark.parametrize("B, C, O, g", [(EXAMPLE.B, EXAMPLE.C, EXAMPLE.O, 1), (EXAMPLE.B, EXAMPLE.C, EXAMPLE.O, 2),
+                                        (3, 4, 4, 1), (1, 4, 6, 2)])
+def test_channel_layouts_show_real_reshapes(B: int, C: int, O: int, g: int) -> None:
+    k, H = EXAMPLE.k, EXAMPLE.H
+    fig = draw_channel_layouts(B, C, O, g, k, H)
+    assert_closed(fig)
+    # The shapes of the real calls: the blog code's F.conv2d and the batch-as-groups one.
+    r = batch_kernel_shapes(B, 2, C, O, g, k, H)
+    expected = [("x.reshape(1,", r.trick_call.input), ("blog:", r.blog_call.weight),
+                ("correct:", r.trick_call.weight)]
+    if B > 1:  # the sentence explaining the blog's error names its weight and, for a channel mismatch, x
+        expected.append(("Each" if "channels" in (r.blog_error or "") else "groups", r.blog_call.weight))
+        if "channels" in (r.blog_error or ""):
+            expected.append(("Each", r.blog_call.input))
+    assert sorted(labelled_shapes(fig)) == sorted(expected)
+    # Every cell's sample (its colour) and label are where a C-order reshape puts them.
+    found = cells(fig)
+    c_g = C // g
+    [x_row] = grid(found, 0, B * C, float("inf"))[:1]
+    assert x_row == [(f"c{i % C}", i // C) for i in range(B * C)]
+    top = min(y for (_, y), (label, _) in found.items() if label.startswith("c")) - 1
+    for layout, (rows, cols), x0 in [("blog", (O, B * c_g), 0.0), ("correct", (B * O, c_g), B * c_g + 2.5)]:
+        drawn = grid(found, x0, x0 + cols, top)
+        assert len(drawn) == rows and all(len(row) == cols for row in drawn), layout
+        for r_, row in enumerate(drawn):
+            for q, (label, sample) in enumerate(row):
+                flat = r_ * cols + q  # the kernel slice's index in [B, O, C/g] order
+                assert (label, sample) == (f"{flat % (O * c_g) // c_g},{flat % c_g}", flat // (O * c_g)), layout
+
+
+def test_channel_layouts_reject_bad_groups() -> None:
+    with pytest.raises(ValueError, match="g=4 must divide C=6"):
+        draw_channel_layouts(2, 6, 4, 4)
+
+
+# -- wiring diagrams -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("C, O, g", [(4, 6, 1), (4, 6, 2), (8, 8, 4), (6, 3, 3)])
@@ -17,16 +155,24 @@ def test_group_wiring_lines(C: int, O: int, g: int) -> None:
     assert len(ax.lines) == C * O // g
     # Lines of different groups have different colors, one color per group.
     assert len({to_rgba(line.get_color()) for line in ax.lines}) == g
-    assert not plt.fignum_exists(fig.number), "the figure must be closed in pyplot (shown once per cell)"
+    assert_closed(fig)
 
 
-@pytest.mark.parametrize("B, C, O, g", [(1, 4, 4, 1), (3, 4, 4, 1), (2, 4, 6, 2)])
+@pytest.mark.parametrize("B, C, O, g", [(1, 4, 4, 1), (3, 4, 4, 1), (2, 4, 6, 2), (4, 4, 6, 1), (8, 4, 6, 2)])
 def test_batch_as_groups_lines(B: int, C: int, O: int, g: int) -> None:
-    ax = draw_batch_as_groups(B, C, O, g).axes[0]
-    assert len(ax.lines) == B * C * O // g  # B*g groups of (C/g) x (O/g) wires
-    assert len({to_rgba(line.get_color()) for line in ax.lines}) == B  # one color per sample
+    fig = draw_batch_as_groups(B, C, O, g)
+    ax = fig.axes[0]
+    assert_closed(fig)
+    # A large batch draws its first samples and its last; the others are an ellipsis.
+    drawn = list(range(B)) if B <= MAX_DRAWN_SAMPLES else [*range(MAX_DRAWN_SAMPLES - 2), B - 1]
+    assert len(ax.lines) == len(drawn) * C * O // g  # g groups of (C/g) x (O/g) wires per drawn sample
+    assert len({to_rgba(line.get_color()) for line in ax.lines}) == len(drawn)  # one color per sample
     texts = [t.get_text() for t in ax.texts]
-    assert f"x.reshape(1, B*C={B * C}, H, W)" in texts and all(f"sample b={b}" in texts for b in range(B))
+    assert [t for t in texts if t.startswith("sample b=")] == [f"sample b={b}" for b in drawn]
+    assert f"x.reshape(1, B*C={B * C}, H, W)" in texts and f"[1, B*O={B * O}, H', W']" in texts
+    assert (B > MAX_DRAWN_SAMPLES) == any("not drawn" in t for t in texts)
+    if B > MAX_DRAWN_SAMPLES:
+        assert any(f"b = {MAX_DRAWN_SAMPLES - 2}..{B - 2}" in t for t in texts)
 
 
 @pytest.mark.parametrize("draw, args, message", [

@@ -10,11 +10,13 @@ import torch.nn.functional as F
 
 from dyconv_teach.reference import per_sample_conv2d, seed_dynamic_conv2d
 from dyconv_teach.shapes import (
+    EXAMPLE,
     batch_kernel_shapes,
     conv2d_output_size,
     grouped_conv_shapes,
     output_size_formula,
     record_conv2d_calls,
+    shape_text,
     static_conv_shapes,
 )
 
@@ -86,14 +88,15 @@ def test_static_conv_shapes(C: int, O: int, k: int, stride: int, padding: int, d
     assert (r.error is None) == (dilation * (k - 1) + 1 <= H + 2 * padding)
 
 
-@pytest.mark.parametrize("C, O, g", list(itertools.product((2, 4, 6), (2, 3, 4, 6), (1, 2, 3, 4))))
+@pytest.mark.parametrize("C, O, g", list(itertools.product((1, 2, 4, 6), (2, 3, 4, 6), (1, 2, 3, 4, 8))))
 def test_grouped_conv_shapes(C: int, O: int, g: int) -> None:
     r = grouped_conv_shapes(C, O, g)
-    assert r.weight == (O, C // g, 3, 3)
     if C % g or O % g:
-        assert r.error == torch_error(F.conv2d, torch.zeros(1, C, 8, 8), torch.zeros(O, C // g, 3, 3), groups=g)
-        assert (r.output, r.split) == (None, ())
+        with pytest.raises(ValueError) as info:
+            torch.nn.Conv2d(C, O, 3, groups=g)
+        assert (r.error, r.weight, r.output, r.split) == (str(info.value), None, None, ())
         return
+    assert r.weight == (O, C // g, 3, 3)
     assert (r.error, r.output) == (None, (1, O, 6, 6))
     assert (r.params, r.params_dense) == (O * (C // g) * 9, O * C * 9)
     assert [list(i) for i, _ in r.split] == [list(range(j * C // g, (j + 1) * C // g)) for j in range(g)]
@@ -105,17 +108,19 @@ def test_batch_kernel_shapes(B: int, K: int, g: int) -> None:
     C, O, k, H = 4, 6, 3, 7
     r = batch_kernel_shapes(B, K, C, O, g, k, H)
     assert (r.x, r.attention, r.bank) == ((B, C, H, H), (B, K), (K, O, C // g, k, k))
+    # K lives in the mixing product only: [B, K] @ [K, O*C/g*k*k] -> [B, O*C/g*k*k].
+    assert (r.flat_bank, r.mixed) == ((K, O * C // g * k * k), (B, O * C // g * k * k))
     assert r.aggregated == (B, O, C // g, k, k)
     # The naive error is torch's own message for a 5-D weight.
     assert r.naive_error == torch_error(F.conv2d, torch.zeros(B, C, H, H), torch.zeros(B, O, C // g, k, k), groups=g)
-    # The seed's view puts the B kernel sets on the input-channel axis: fine only for B = 1.
+    # The blog's view puts the B kernel sets on the input-channel axis: fine only for B = 1.
     x, bank, pi = torch.randn(B, C, H, H), torch.randn(K, O, C // g, k, k), torch.softmax(torch.randn(B, K), 1)
-    assert (r.seed_call.weight, r.seed_call.groups) == ((O, B * C // g, k, k), g * B)
+    assert (r.blog_call.weight, r.blog_call.groups) == ((O, B * C // g, k, k), g * B)
     if B == 1:
-        assert (r.seed_error, r.seed_output) == (None, (1, O, H - 2, H - 2))
+        assert (r.blog_error, r.blog_output) == (None, (1, O, H - 2, H - 2))
     else:
-        assert r.seed_output is None
-        assert r.seed_error == torch_error(seed_dynamic_conv2d, x, bank, pi, groups=g)
+        assert r.blog_output is None
+        assert r.blog_error == torch_error(seed_dynamic_conv2d, x, bank, pi, groups=g)
     # The trick: one grouped call on the folded batch, equal to the per-sample loop.
     assert (r.trick_call.input, r.trick_call.weight) == ((1, B * C, H, H), (B * O, C // g, k, k))
     assert r.trick_call.groups == B * g
@@ -124,5 +129,14 @@ def test_batch_kernel_shapes(B: int, K: int, g: int) -> None:
     assert r.matches_loop is True
 
 
-def test_batch_kernel_shapes_is_deterministic() -> None:
-    assert batch_kernel_shapes(3, 2) == batch_kernel_shapes(3, 2)
+def test_running_example_has_no_two_equal_sizes() -> None:
+    # H' = H - k + 1, the output size of the explorers' unpadded convolution.
+    sizes = [*EXAMPLE, EXAMPLE.H - EXAMPLE.k + 1]
+    assert len(set(sizes)) == len(sizes), EXAMPLE
+    r = batch_kernel_shapes()
+    assert r.x == (EXAMPLE.B, EXAMPLE.C, EXAMPLE.H, EXAMPLE.H) and r.bank[:2] == (EXAMPLE.K, EXAMPLE.O)
+
+
+def test_shape_text() -> None:
+    assert (shape_text((2, 6, 4, 3, 3)), shape_text(())) == ("[2, 6, 4, 3, 3]", "[]")
+    assert shape_text(None) == "-"

@@ -14,9 +14,14 @@ torch version and date on every row) and a log of what it printed:
    against eager and the number of compilations;
 4. the benchmark sweep (``dyconv_teach.bench.run_sweep``) in float32 and in bfloat16
    channels_last, B in {1, 32, 128};
-5. one training step of ResNet-18 (``bench.resnet18``), static and with dynamic 3x3
+5. the fused kernels alone: error against batch-as-groups in float32, and the time of the
+   forward, input-gradient and bank-gradient kernels per sweep cell with the tiles chosen;
+6. one training step of ResNet-18 (``bench.resnet18``), static and with dynamic 3x3
    convolutions for every strategy, float32 and bfloat16 autocast, eager (and compiled
    while the time budget lasts).
+
+Every row is also appended to ``OUTDIR/gpu-log.jsonl`` as it is measured, so a run cut
+short still leaves what it found.
 
 Parts past ``--budget`` seconds are skipped and say so, so the run ends in its time.
 """
@@ -27,6 +32,7 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import sys
 import time
 import traceback
@@ -41,19 +47,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dyconv_teach import DynamicConv2d, bench, dynamic_conv2d  # noqa: E402
 from dyconv_teach.functional import STRATEGY_NAMES  # noqa: E402
 from dyconv_teach.reference import per_sample_conv2d  # noqa: E402
+from dyconv_teach.strategies import STRATEGIES  # noqa: E402
 
 ROWS: List[Dict[str, Any]] = []
 START = time.time()
+LOG: List[Any] = []  # the open JSONL file: every row is written as soon as it is measured
 # --cpu-smoke replaces these to try the whole script on a CPU at toy sizes before a GPU run.
 DEVICE = "cuda"
 SWEEP: Dict[str, Any] = {"cells": bench.SWEEP_CELLS, "batches": bench.SWEEP_BATCHES["cuda"], "repeats": 20}
 RESNET: Dict[str, int] = {"batch": 256, "size": 224, "repeats": 10}
 
 
+def runs_here(strategy: str) -> bool:
+    """Whether ``strategy`` runs on DEVICE (the fused kernels: CUDA, or the CPU under Triton's interpreter)."""
+    if strategy == "auto" or os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return DEVICE in STRATEGIES[strategy].devices
+
+
 def record(part: str, **fields: Any) -> None:
-    row = {"part": part, **fields}
+    row = {"part": part, "t": round(time.time() - START, 1), **fields}
     ROWS.append(row)
-    print(json.dumps(row, default=str), flush=True)
+    line = json.dumps(row, default=str)
+    print(line, flush=True)
+    if LOG:
+        LOG[0].write(line + "\n")
+        LOG[0].flush()
 
 
 def guarded(part: str, fn: Callable[[], None]) -> None:
@@ -75,7 +94,7 @@ def correctness() -> None:
         (33, 8, 8, 4, 4, (3, 3), 6, 6, {"padding": 1}),
         (1, 5, 3, 2, 1, (1, 1), 4, 5, {}),
     ]
-    for strategy in STRATEGY_NAMES:
+    for strategy in filter(runs_here, STRATEGY_NAMES):
         worst = 0.0
         for B, C, O, K, g, kernel, H, W, conv in cases:
             kw: Dict[str, Any] = {"generator": gen, "dtype": torch.float64}
@@ -151,12 +170,72 @@ def sweep() -> None:
                        peak_MiB=round(row.peak_bytes.get(name, 0) / 2**20, 2))
 
 
-def resnet(budget: float) -> None:
-    """Every variant eagerly in float32 and bfloat16 autocast, then compiled under bfloat16
+def fused_detail() -> None:
+    """Where the fused kernels spend their time, per sweep cell in bfloat16 channels_last: the
+    forward, the input gradient and the bank+attention gradients alone, and the tile the
+    autotuner chose for each; and their error against batch-as-groups in float32 without TF32."""
+    if "fused" not in STRATEGY_NAMES or not runs_here("fused"):
+        record("fused_detail", skipped="no triton, or no CUDA and no interpreter")
+        return
+    from dyconv_teach import triton_conv as tc
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for C, HW in SWEEP["cells"]:
+            x, w, a, b = bench.make_inputs(32, C, HW, device=DEVICE)
+            ref = dynamic_conv2d(x, w, a, b, padding=1, strategy="batch_as_groups")
+            out = dynamic_conv2d(x, w, a, b, padding=1, strategy="fused")
+            grad = torch.randn_like(ref)
+            g_ref = torch.autograd.grad(ref, (x, w, a, b), grad)
+            g_out = torch.autograd.grad(out, (x, w, a, b), grad)
+            errs = [((o - r).abs().max() / r.abs().max()).item() for o, r in zip((out, *g_out), (ref, *g_ref))]
+            record("fused_fp32_vs_grouped", C=C, HW=HW, B=32, rel_err_out_x_w_a_b=[f"{e:.1e}" for e in errs],
+                   ok=max(errs) < 1e-4)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    def ms(fn: Callable[[], Any], repeats: int = 20 if DEVICE == "cuda" else 1) -> float:
+        """Median milliseconds of ``fn`` after one warm-up call, between GPU synchronisations."""
+        fn()
+        times = []
+        for _ in range(repeats):
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+    for C, HW in SWEEP["cells"]:
+        for B in SWEEP["batches"]:
+            x, w, a, b = (t.detach() for t in bench.make_inputs(B, C, HW, dtype=torch.bfloat16, device=DEVICE,
+                                                                 channels_last=True))
+            conv = ((1, 1), (1, 1), (1, 1), 1)
+            out = tc.fused_forward(x, w, a, b, *conv)
+            grad = torch.randn_like(out)
+            times = {
+                "forward": ms(lambda: tc.fused_forward(x, w, a, b, *conv)),
+                "input_grad": ms(lambda: tc.fused_backward(grad, x, w, a, b, *conv, (True, False, False, False))),
+                "bank_and_attention_grads": ms(
+                    lambda: tc.fused_backward(grad, x, w, a, b, *conv, (False, True, True, True))),
+                "static_forward": ms(lambda: torch.nn.functional.conv2d(x, w[0], b[0], padding=1)),
+                "static_backward": ms(lambda: torch.ops.aten.convolution_backward(
+                    grad, x, w[0], [C], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True])),
+            }
+            tiles = {name: str(getattr(tc._TUNED[name], "best_config", None)) for name in tc._TUNED}
+            record("fused_kernels_bf16", C=C, HW=HW, B=B, ms={k: round(v, 4) for k, v in times.items()}, tiles=tiles)
+
+
+def resnet(budget: float, compiled: bool) -> None:
+    """Every variant eagerly in float32 and bfloat16 autocast; or compiled under bfloat16
     (static first, then each dynamic variant) while the budget lasts."""
-    variants = [("static", False, "auto")] + [(f"dynamic {s}", True, s) for s in STRATEGY_NAMES]
-    runs = [(v, False, amp) for v in variants for amp in (None, torch.bfloat16)]
-    runs += [(v, True, torch.bfloat16) for v in variants]
+    variants = [("static", False, "auto")] + [(f"dynamic {s}", True, s) for s in STRATEGY_NAMES if runs_here(s)]
+    if compiled:
+        runs = [(v, True, torch.bfloat16) for v in variants]
+    else:
+        runs = [(v, False, amp) for v in variants for amp in (None, torch.bfloat16)]
     for (label, dynamic, strategy), compiled, amp_dtype in runs:
         if time.time() - START > budget:
             record("resnet18_step", model=label, compiled=compiled, amp=str(amp_dtype), skipped="time budget")
@@ -184,7 +263,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which optional parts are skipped")
-    parser.add_argument("--parts", default="correctness,amp,compile,sweep,resnet")
+    parser.add_argument("--parts", default="correctness,sweep,fused,resnet,amp,compile,resnet_compiled")
     parser.add_argument("--cpu-smoke", action="store_true", help="run every part on the CPU at toy sizes")
     args = parser.parse_args()
     args.outdir.mkdir(parents=True, exist_ok=True)
@@ -206,11 +285,17 @@ def main() -> None:
         triton_version = "-"
     record("env", device=device, torch=torch.__version__, cuda=torch.version.cuda, triton=triton_version,
            strategies=list(STRATEGY_NAMES))
+    LOG.append((args.outdir / "gpu-log.jsonl").open("w"))
     parts = args.parts.split(",")
-    for name, fn in (("correctness", correctness), ("amp", amp), ("compile", compile_dynamic), ("sweep", sweep),
-                     ("resnet", lambda: resnet(args.budget))):
-        if name in parts:
-            guarded(name, fn)
+    for name, fn in (("correctness", correctness), ("sweep", sweep), ("fused", fused_detail),
+                     ("resnet", lambda: resnet(args.budget, compiled=False)), ("amp", amp),
+                     ("compile", compile_dynamic), ("resnet_compiled", lambda: resnet(args.budget, compiled=True))):
+        if name not in parts:
+            continue
+        if time.time() - START > args.budget:
+            record(name, skipped="time budget")
+            continue
+        guarded(name, fn)
     date = datetime.date.today().isoformat()
     path = args.outdir / f"gpu-{device.replace(' ', '_')}-{date}.csv"
     fields = ["device", "torch", "date"] + sorted({k for row in ROWS for k in row})

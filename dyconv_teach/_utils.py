@@ -124,10 +124,15 @@ def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
 
 
+# The device types torch.autocast knows. (torch.amp.is_autocast_available would say, but
+# torch.compile cannot trace it on torch 2.11.)
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
+
+
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` casts to on ``device_type``, or ``None`` outside autocast
     (and on device types without autocast, such as ``meta``)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

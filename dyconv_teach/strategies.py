@@ -250,8 +250,9 @@ def mixed_weight_bytes(batch: int, weight: Tensor) -> int:
 # The thresholds of the rule below, per device type: the K-branch sum is chosen when the
 # mixed weights exceed BYTES and (K - 1) * H' * W' <= WORK (an output so small that K - 1
 # extra static convolutions cost less than building and reading those weights). Measured
-# with `python -m dyconv_teach.bench` (CPU: torch 2.13, 2 threads; CUDA: an H200, torch
-# 2.11); the README's section "The measurements behind the dispatch rule" has the numbers.
+# with `python -m dyconv_teach.bench` (CPU: torch 2.13, 2 threads) and tools/gpu_check.py
+# (CUDA: an H200, torch 2.11, where the fused kernels were never clearly faster, so the rule
+# does not choose them); the README's section "The measurements behind the dispatch rule".
 _K_BRANCH_RULE: Dict[str, Tuple[int, int]] = {
     "cpu": (32 * 2**20, 256),
     "cuda": (64 * 2**20, 600),

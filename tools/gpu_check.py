@@ -228,6 +228,45 @@ def fused_detail() -> None:
             record("fused_kernels_bf16", C=C, HW=HW, B=B, ms={k: round(v, 4) for k, v in times.items()}, tiles=tiles)
 
 
+RESNET_LAYERS = ((64, 56), (128, 28), (256, 14), (512, 7))  # (C = O, H = W) of ResNet-18's 3x3 convolutions
+BEST: Dict[str, Dict[int, str]] = {}  # dtype -> out channels -> the fastest strategy at B = 256
+
+
+def resnet_layers() -> None:
+    """Forward+backward of each ResNet-18 3x3 layer shape at B = 64 and 256, every strategy,
+    float32 and bfloat16 channels_last; remembers the fastest strategy per layer at B = 256."""
+    for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, True)):
+        rows = bench.run_sweep(RESNET_LAYERS, (64, 256) if DEVICE == "cuda" else (2,), repeats=max(1, SWEEP["repeats"] // 2),
+                               memory=False, device=DEVICE, dtype=dtype, channels_last=channels_last)
+        print(bench.format_report(rows), flush=True)
+        for row in rows:
+            for name, seconds in row.seconds.items():
+                record("resnet_layer", dtype=str(dtype), C=row.C, HW=row.HW, B=row.B, strategy=name,
+                       ms=round(seconds * 1e3, 4), ratio=round(row.ratio(name), 3))
+            if row.B == max(r.B for r in rows):
+                dynamic = {n: s for n, s in row.seconds.items() if n in STRATEGIES}
+                BEST.setdefault(str(dtype), {})[row.C] = min(dynamic, key=dynamic.__getitem__)
+    record("resnet_layer_best", best=BEST)
+
+
+def resnet_best() -> None:
+    """The ResNet-18 step with each dynamic layer running the strategy that was fastest for its
+    shape in :func:`resnet_layers`: what a per-layer rule could reach with these strategies."""
+    for amp_dtype in (None, torch.bfloat16):
+        best = BEST.get(str(amp_dtype or torch.float32))
+        if not best:
+            record("resnet18_step", model="dynamic best per layer", skipped="no layer measurements")
+            continue
+        torch.manual_seed(0)
+        model = bench.resnet18(True)
+        for m in model.modules():
+            if isinstance(m, DynamicConv2d):
+                m.strategy = best[m.out_channels]
+        ms = bench.time_train_step(model, RESNET["batch"], RESNET["size"], amp_dtype, RESNET["repeats"], DEVICE) * 1e3
+        record("resnet18_step", model="dynamic best per layer", compiled=False, amp=str(amp_dtype),
+               B=RESNET["batch"], ms=round(ms, 2), rule=best)
+
+
 def resnet(budget: float, compiled: bool) -> None:
     """Every variant eagerly in float32 and bfloat16 autocast; or compiled under bfloat16
     (static first, then each dynamic variant) while the budget lasts."""
@@ -263,7 +302,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which optional parts are skipped")
-    parser.add_argument("--parts", default="correctness,sweep,fused,resnet,amp,compile,resnet_compiled")
+    parser.add_argument("--parts", default="correctness,sweep,fused,resnet,amp,compile,resnet_layers,resnet_best,"
+                                           "resnet_compiled")
     parser.add_argument("--cpu-smoke", action="store_true", help="run every part on the CPU at toy sizes")
     args = parser.parse_args()
     args.outdir.mkdir(parents=True, exist_ok=True)
@@ -283,13 +323,14 @@ def main() -> None:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "-"
+    LOG.append((args.outdir / "gpu-log.jsonl").open("w"))
     record("env", device=device, torch=torch.__version__, cuda=torch.version.cuda, triton=triton_version,
            strategies=list(STRATEGY_NAMES))
-    LOG.append((args.outdir / "gpu-log.jsonl").open("w"))
     parts = args.parts.split(",")
     for name, fn in (("correctness", correctness), ("sweep", sweep), ("fused", fused_detail),
                      ("resnet", lambda: resnet(args.budget, compiled=False)), ("amp", amp),
-                     ("compile", compile_dynamic), ("resnet_compiled", lambda: resnet(args.budget, compiled=True))):
+                     ("compile", compile_dynamic), ("resnet_layers", resnet_layers), ("resnet_best", resnet_best),
+                     ("resnet_compiled", lambda: resnet(args.budget, compiled=True))):
         if name not in parts:
             continue
         if time.time() - START > args.budget:
@@ -298,7 +339,7 @@ def main() -> None:
         guarded(name, fn)
     date = datetime.date.today().isoformat()
     path = args.outdir / f"gpu-{device.replace(' ', '_')}-{date}.csv"
-    fields = ["device", "torch", "date"] + sorted({k for row in ROWS for k in row})
+    fields = ["device", "torch", "date"] + sorted({k for row in ROWS for k in row} - {"device", "torch", "date"})
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()

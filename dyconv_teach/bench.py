@@ -364,7 +364,8 @@ def machine_description(device: str = "cpu") -> str:
         f"oneDNN available: {torch.backends.mkldnn.is_available()}"
     )
     if device == "cuda":
-        text += f"\nGPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+        cudnn = torch.backends.cudnn.version()
+        text += f"\nGPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {cudnn}"
     return text
 
 
@@ -476,8 +477,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="of the sweep's tensors")
     parser.add_argument("--channels-last", action="store_true", help="channels_last inputs in the sweep")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per strategy and cell; the minimum is kept (default 5)")
-    parser.add_argument("--quick", action="store_true", help="a tiny sweep (C=8, 8x8, B in {1, 4}) that runs in seconds")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per strategy and cell; the minimum is kept (default 5)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny sweep (C=8, 8x8, B in {1, 4}) that runs in seconds")
     parser.add_argument(
         "--cpu-time",
         action="store_true",

@@ -37,7 +37,6 @@ import ipywidgets
 import matplotlib
 import torch
 
-
 __all__ = [
     "Fragments",
     "Control",
@@ -61,7 +60,8 @@ NOT_LIVE = (
 )
 
 _CSS = """<style>
-.dyconv-explorer{border:1px solid #d0d7de;border-radius:6px;padding:.7em 1em;margin:.6em 0;color:#1f2328;background:#fff;line-height:1.45}
+.dyconv-explorer{border:1px solid #d0d7de;border-radius:6px;padding:.7em 1em;margin:.6em 0;color:#1f2328;
+background:#fff;line-height:1.45}
 .dyconv-explorer p{margin:.3em 0}
 .dyconv-explorer .dyconv-title{font-size:1.05em;margin:0 0 .4em}
 .dyconv-explorer .dyconv-notice{background:#fff8c5;border-left:4px solid #d4a72c;padding:.35em .6em}
@@ -73,26 +73,39 @@ _CSS = """<style>
 .dyconv-explorer .dyconv-scroll::-webkit-scrollbar{height:6px;background:#f6f8fa}
 .dyconv-explorer .dyconv-scroll::-webkit-scrollbar-thumb{background:#8c959f;border-radius:3px}
 .dyconv-explorer table.dyconv-shapes{border-collapse:collapse;font-family:monospace;font-size:.9em;margin:0}
-.dyconv-explorer table.dyconv-shapes td{padding:.1em .9em .1em 0;border:0;border-bottom:1px solid #eaeef2;text-align:left;background:none;white-space:nowrap}
-.dyconv-explorer .dyconv-error,.dyconv-explorer .dyconv-ok,.dyconv-explorer .dyconv-note,.dyconv-explorer pre.dyconv-formula{font-family:monospace;font-size:.9em;padding:.35em .6em;margin:.3em 0;color:#1f2328}
+.dyconv-explorer table.dyconv-shapes td{padding:.1em .9em .1em 0;border:0;border-bottom:1px solid #eaeef2;
+text-align:left;background:none;white-space:nowrap}
+.dyconv-explorer .dyconv-error,.dyconv-explorer .dyconv-ok,.dyconv-explorer .dyconv-note,
+.dyconv-explorer pre.dyconv-formula{font-family:monospace;font-size:.9em;padding:.35em .6em;margin:.3em 0;color:#1f2328}
 .dyconv-explorer .dyconv-error{background:#fff1f0;border-left:4px solid #cf222e;overflow-wrap:anywhere}
 .dyconv-explorer .dyconv-error code{background:none;color:inherit;padding:0}
 .dyconv-explorer .dyconv-why{font-family:sans-serif;font-size:1.05em}
 .dyconv-explorer .dyconv-ok{background:#effaf1;border-left:4px solid #1a7f37}
 .dyconv-explorer .dyconv-note{background:#f6f8fa;border-left:4px solid #d0d7de;color:#57606a}
-.dyconv-explorer pre.dyconv-formula{white-space:pre-wrap;background:#f6f8fa;border:0;border-left:4px solid #8c959f;border-radius:0}
+.dyconv-explorer pre.dyconv-formula{white-space:pre-wrap;background:#f6f8fa;border:0;border-left:4px solid #8c959f;
+border-radius:0}
 .dyconv-explorer .dyconv-nowrap{white-space:nowrap}
-@media (max-width:600px){.dyconv-explorer table.dyconv-shapes tr{display:block;border-bottom:1px solid #eaeef2;padding:.1em 0}
+@media (max-width:600px){
+.dyconv-explorer table.dyconv-shapes tr{display:block;border-bottom:1px solid #eaeef2;padding:.1em 0}
 .dyconv-explorer table.dyconv-shapes td{display:inline-block;border:0;padding:0 .9em 0 0}
 .dyconv-explorer table.dyconv-shapes td:first-child{display:block}}
 .dyconv-explorer img{max-width:100%;height:auto;display:block}
 </style>"""
 
-# Finds its explorer through document.currentScript, so the page needs no ids.
+#: The fallback's results, one JSON block, and what a stored notebook keeps of it.
+#: tools/execute_notebooks.py replaces the block by STORED_DATA (the results of every
+#: setting only make the file large: JupyterLab never runs a stored script, and the HTML
+#: book executes the notebook afresh); tests/nbval_sanitize.cfg masks it the same way.
+DATA_PATTERN = r'(<script type="application/json" class="dyconv-data">).*?(</script>)'
+STORED_DATA = r'\1{"stored": "run the notebook for every setting"}\2'
+
+# Finds its explorer through document.currentScript, so the page needs no ids. Without
+# the results table (a stored notebook's fallback) it leaves the notice up.
 _JS = """<script>
 (function () {
   var root = document.currentScript.parentElement;
   var data = JSON.parse(root.querySelector("script.dyconv-data").textContent);
+  if (!data.table) { return; }
   var selects = data.params.map(function (p) { return root.querySelector('select[data-param="' + p + '"]'); });
   function show() {
     var entry = data.table[selects.map(function (s) { return s.value; }).join(",")];

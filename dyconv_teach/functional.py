@@ -83,7 +83,8 @@ def _op(
 def _(x, weight, attention, bias, stride, padding, dilation, groups, strategy):  # type: ignore[no-untyped-def]
     if not isinstance(x.shape[0], torch.SymInt):  # a concrete batch (meta tensors): run the real code
         return _forward(x, weight, attention, bias, stride, padding, dilation, groups, strategy)
-    out = strategies.like_input(x.new_empty(x.shape[0], weight.shape[1], *_output_hw(x, weight, stride, padding, dilation)), x)
+    out_hw = _output_hw(x, weight, stride, padding, dilation)
+    out = strategies.like_input(x.new_empty(x.shape[0], weight.shape[1], *out_hw), x)
     # Only the operator knows which strategy a symbolic batch will get, so not how much it saves.
     return out, x.new_empty(torch.library.get_ctx().new_dynamic_size())
 
@@ -229,7 +230,9 @@ def dynamic_conv2d(
     if strategy not in STRATEGY_NAMES:
         raise ValueError(f"strategy must be one of {STRATEGY_NAMES}, got {strategy!r}")
     if x.dim() not in (3, 4):
-        raise ValueError(f"x must be 4-D [B, C, H, W] or 3-D [C, H, W], got {x.dim()}-D input of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be 4-D [B, C, H, W] or 3-D [C, H, W], got {x.dim()}-D input of shape {tuple(x.shape)}"
+        )
     unbatched = x.dim() == 3
     if unbatched:
         if attention.dim() != 1:

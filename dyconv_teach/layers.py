@@ -137,7 +137,8 @@ class DynamicConv2d(nn.Module):
         self.temperature = temperature
         # (left, right, top, bottom) for F.pad, as nn.Conv2d keeps it for its padding modes.
         if isinstance(self.padding, str):
-            top, bottom, left, right = same_padding(self.kernel_size, self.dilation) if self.padding == "same" else (0,) * 4
+            same = self.padding == "same"
+            top, bottom, left, right = same_padding(self.kernel_size, self.dilation) if same else (0, 0, 0, 0)
         else:
             (top, left), (bottom, right) = self.padding, self.padding
         self._reversed_padding_repeated_twice = [left, right, top, bottom]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 # F.conv2d's type stubs split int and str padding into two overloads, so passing on a
 # padding typed as either needs the `type: ignore[arg-type]` comments below.
-
 from typing import Optional
 
 import torch

@@ -25,8 +25,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ._utils import output_size
-from .strategies import batch_as_groups_forward
 from .reference import naive_conv2d, per_sample_conv2d, seed_dynamic_conv2d
+from .strategies import batch_as_groups_forward
 
 __all__ = [
     "Shape",

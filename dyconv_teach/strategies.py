@@ -102,7 +102,8 @@ def batch_as_groups_backward(
     per_sample_b = bias is not None and (need_b or need_a)
     gx, gw_b, gb_b = _conv_backward(
         grad.reshape(1, B * O, *grad.shape[2:]), x.reshape(1, B * C, H, W), _mixed_weight(weight, attention),
-        B * O if bias is not None else None, stride, padding, dilation, B * groups, (need_x, per_sample_w, per_sample_b),
+        B * O if bias is not None else None, stride, padding, dilation, B * groups,
+        (need_x, per_sample_w, per_sample_b),
     )
     # Per-sample gradients [B, ...] go back through the mixing product [B, K] @ [K, ...].
     gw_flat = gw_b.reshape(B, -1) if per_sample_w else None

@@ -78,7 +78,8 @@ def test_every_chapter_links_the_archive_and_says_how_to_install() -> None:
 
 def run(command: List[str], cwd: Path) -> None:
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    assert done.returncode == 0, f"`{' '.join(map(str, command))}` failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    shown = " ".join(map(str, command))
+    assert done.returncode == 0, f"`{shown}` failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
 
 
 def test_archive_runs_a_chapter_in_a_fresh_environment(tmp_path: Path) -> None:

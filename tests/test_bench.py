@@ -76,7 +76,9 @@ def test_main_quick_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> Non
         assert len(r) == 3 + 1 + len(bench.strategies_for("cpu"))
 
 
-@pytest.mark.parametrize("argv, message", [(["--threads", "0"], "--threads must be >= 1"), (["--repeats", "0"], "--repeats must be >= 1")])
+@pytest.mark.parametrize(
+    "argv, message", [(["--threads", "0"], "--threads must be >= 1"), (["--repeats", "0"], "--repeats must be >= 1")]
+)
 def test_main_rejects_bad_options(argv: list, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Bad option values stop argparse with a message naming the value."""
     with pytest.raises(SystemExit):

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from dyconv_teach.explorer import Explorer
 from dyconv_teach.shapes import (
     Shape,
     batch_kernel_shapes,
@@ -30,7 +31,6 @@ from dyconv_teach.shapes import (
     output_size_formula,
     static_conv_shapes,
 )
-from dyconv_teach.explorer import Explorer
 from dyconv_teach.widgets import batch_kernel_explorer, grouped_conv_explorer, static_conv_explorer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +208,8 @@ def test_outputs_are_not_cut_off(browser: Any, base_url: str, width: int) -> Non
             if ERROR_LINE.search(box["text"]):
                 errors_seen += 1
                 if overflows:
-                    problems.append(f"{where}: error wider than its box ({box['scrollWidth']} > {box['clientWidth']} px)")
+                    widths = f"{box['scrollWidth']} > {box['clientWidth']} px"
+                    problems.append(f"{where}: error wider than its box ({widths})")
             elif overflows and not (box["overflowX"] in ("auto", "scroll") and box["scrollbar"] > 0):
                 problems.append(f"{where}: scrolls with no visible scrollbar")
         page_width, view_width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")

@@ -87,7 +87,8 @@ def test_error_fragment_holds_message_and_sentence() -> None:
     assert ok("a [2, 3]", "b") == (
         '<div class="dyconv-ok"><p>a <span class="dyconv-nowrap">[2, 3]</span><br>b</p></div>'
     )
-    assert formula("[1] < 1", "b") == '<pre class="dyconv-formula"><span class="dyconv-nowrap">[1]</span> &lt; 1\nb</pre>'
+    expected = '<pre class="dyconv-formula"><span class="dyconv-nowrap">[1]</span> &lt; 1\nb</pre>'
+    assert formula("[1] < 1", "b") == expected
 
 
 def test_live_widget_reruns_on_slider_moves() -> None:
@@ -128,3 +129,26 @@ def test_control_default_must_be_on_the_grid() -> None:
         Control("k", "k", (1, 3), 5, (1, 3, 5))
     with pytest.raises(ValueError, match="within live"):
         Control("k", "k", (1, 3), 3, (1, 2))
+
+
+def test_stored_notebooks_keep_the_default_view_and_nbval_masks_the_results() -> None:
+    """tools/execute_notebooks.py replaces the results of every setting by STORED_DATA; the
+    notebook still shows the default result and the notice, and nbval's sanitizer
+    (tests/nbval_sanitize.cfg) masks a fresh run's results the same way, so they compare equal."""
+    import configparser
+    import re
+    from pathlib import Path
+
+    from dyconv_teach.explorer import DATA_PATTERN, STORED_DATA
+    from dyconv_teach.widgets import grouped_conv_explorer
+
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(Path(__file__).with_name("nbval_sanitize.cfg"))
+    assert cfg["explorer results"]["regex"] == DATA_PATTERN
+    assert cfg["explorer results"]["replace"] == STORED_DATA
+    explorer = grouped_conv_explorer()
+    fresh = explorer.to_html()
+    stored = re.sub(DATA_PATTERN, STORED_DATA, fresh)
+    assert len(stored) < len(fresh) / 5 and '"table"' not in stored
+    assert "Not live" in stored and explorer.render(**explorer.defaults())["shapes"] in stored
+    assert re.sub(DATA_PATTERN, STORED_DATA, stored) == stored  # masking a stored output changes nothing

@@ -277,7 +277,8 @@ def test_dynamic_conv2d_runs_the_strategy_the_rule_chooses(monkeypatch: pytest.M
         def record(forward: Any, name: str = name) -> Any:
             return lambda *args: (ran.append(name), forward(*args))[1]
 
-        monkeypatch.setitem(strategies.STRATEGIES, name, strategies.Strategy(record(strategy.forward), strategy.backward))
+        recorded = strategies.Strategy(record(strategy.forward), strategy.backward, strategy.devices)
+        monkeypatch.setitem(strategies.STRATEGIES, name, recorded)
     for B, expected in ((32, "kernel_branches"), (1, "batch_as_groups")):
         ran.clear()
         x = torch.empty(B, 256, 7, 7, device="meta")

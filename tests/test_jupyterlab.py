@@ -246,7 +246,7 @@ def test_explorers_say_they_are_not_live_then_come_alive(browser: Any, lab: str,
                                 outputs=False)
     # Live: one widget per explorer, no notice; one slider move changes what the explorer shows.
     widgets = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output .widget-vbox")
-    page.wait_for_function(f"() => document.querySelectorAll('.widget-vbox .widget-slider').length > 0")
+    page.wait_for_function("() => document.querySelectorAll('.widget-vbox .widget-slider').length > 0")
     assert widgets.count() == len(kinds), f"{chapter}: {widgets.count()} live widgets for {kinds}"
     assert page.locator(".dyconv-notice:visible").count() == 0
     for n in range(len(kinds)):

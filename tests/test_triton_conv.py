@@ -93,7 +93,7 @@ def _check_against_reference(case: Dict[str, Any], dtype: torch.dtype, rtol: flo
     for name, got, want in zip(("out", "grad_x", "grad_weight", "grad_attention", "grad_bias"), (out, *grads),
                                expected):
         assert got.shape == want.shape, name
-        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("name", CASES)

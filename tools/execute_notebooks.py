@@ -20,6 +20,7 @@ the cell is run).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +28,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 import nbformat  # noqa: E402
 from nbclient import NotebookClient  # noqa: E402
+
+from dyconv_teach.explorer import DATA_PATTERN, STORED_DATA  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -39,7 +42,10 @@ def execute(path: Path) -> None:
     for cell in nb.cells:
         cell.metadata.pop("execution", None)  # timings an older run may have stored
         for output in cell.get("outputs", []):
-            output.get("data", {}).pop(WIDGET_VIEW, None)
+            data = output.get("data", {})
+            data.pop(WIDGET_VIEW, None)
+            if "text/html" in data:  # an explorer's results for every setting: not stored
+                data["text/html"] = re.sub(DATA_PATTERN, STORED_DATA, data["text/html"])
     nbformat.write(nb, path)
     print(f"executed {path.relative_to(ROOT)}")
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import json
 import os
 import sys
@@ -109,13 +110,15 @@ def correctness() -> None:
                 grad = torch.randn_like(ref)
                 got = torch.autograd.grad(out, args, grad)
                 want = torch.autograd.grad(ref, args, grad)
-                worst = max(worst, (out - ref).abs().max().item(), *((a - b).abs().max().item() for a, b in zip(got, want)))
+                errors = [(out - ref).abs().max().item(), *((a - b).abs().max().item() for a, b in zip(got, want))]
+                worst = max(worst, *errors)
         record("correctness_f64", strategy=strategy, worst_abs_err=worst, ok=worst < 1e-9)
         x = torch.randn(2, 4, 5, 5, dtype=torch.float64, device=dev, requires_grad=True)
         w = torch.randn(3, 4, 2, 3, 3, dtype=torch.float64, device=dev, requires_grad=True)
         a = torch.randn(2, 3, dtype=torch.float64, device=dev, requires_grad=True)
         b = torch.randn(3, 4, dtype=torch.float64, device=dev, requires_grad=True)
-        ok = torch.autograd.gradcheck(lambda *t: dynamic_conv2d(*t, padding=1, groups=2, strategy=strategy), (x, w, a, b))
+        conv = functools.partial(dynamic_conv2d, padding=1, groups=2, strategy=strategy)
+        ok = torch.autograd.gradcheck(conv, (x, w, a, b))
         record("gradcheck", strategy=strategy, ok=bool(ok))
 
 
@@ -215,14 +218,15 @@ def fused_detail() -> None:
             conv = ((1, 1), (1, 1), (1, 1), 1)
             out = tc.fused_forward(x, w, a, b, *conv)
             grad = torch.randn_like(out)
+            call = functools.partial
             times = {
-                "forward": ms(lambda: tc.fused_forward(x, w, a, b, *conv)),
-                "input_grad": ms(lambda: tc.fused_backward(grad, x, w, a, b, *conv, (True, False, False, False))),
+                "forward": ms(call(tc.fused_forward, x, w, a, b, *conv)),
+                "input_grad": ms(call(tc.fused_backward, grad, x, w, a, b, *conv, (True, False, False, False))),
                 "bank_and_attention_grads": ms(
-                    lambda: tc.fused_backward(grad, x, w, a, b, *conv, (False, True, True, True))),
-                "static_forward": ms(lambda: torch.nn.functional.conv2d(x, w[0], b[0], padding=1)),
-                "static_backward": ms(lambda: torch.ops.aten.convolution_backward(
-                    grad, x, w[0], [C], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True])),
+                    call(tc.fused_backward, grad, x, w, a, b, *conv, (False, True, True, True))),
+                "static_forward": ms(call(torch.nn.functional.conv2d, x, w[0], b[0], padding=1)),
+                "static_backward": ms(call(torch.ops.aten.convolution_backward, grad, x, w[0], [C], [1, 1], [1, 1],
+                                           [1, 1], False, [0, 0], 1, [True, True, True])),
             }
             tiles = {name: str(getattr(tc._TUNED[name], "best_config", None)) for name in tc._TUNED}
             record("fused_kernels_bf16", C=C, HW=HW, B=B, ms={k: round(v, 4) for k, v in times.items()}, tiles=tiles)
@@ -236,8 +240,9 @@ def resnet_layers() -> None:
     """Forward+backward of each ResNet-18 3x3 layer shape at B = 64 and 256, every strategy,
     float32 and bfloat16 channels_last; remembers the fastest strategy per layer at B = 256."""
     for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, True)):
-        rows = bench.run_sweep(RESNET_LAYERS, (64, 256) if DEVICE == "cuda" else (2,), repeats=max(1, SWEEP["repeats"] // 2),
-                               memory=False, device=DEVICE, dtype=dtype, channels_last=channels_last)
+        batches = (64, 256) if DEVICE == "cuda" else (2,)
+        rows = bench.run_sweep(RESNET_LAYERS, batches, repeats=max(1, SWEEP["repeats"] // 2), memory=False,
+                               device=DEVICE, dtype=dtype, channels_last=channels_last)
         print(bench.format_report(rows), flush=True)
         for row in rows:
             for name, seconds in row.seconds.items():
@@ -262,7 +267,8 @@ def resnet_best() -> None:
         for m in model.modules():
             if isinstance(m, DynamicConv2d):
                 m.strategy = best[m.out_channels]
-        ms = bench.time_train_step(model, RESNET["batch"], RESNET["size"], amp_dtype, RESNET["repeats"], DEVICE) * 1e3
+        seconds = bench.time_train_step(model, RESNET["batch"], RESNET["size"], amp_dtype, RESNET["repeats"], DEVICE)
+        ms = seconds * 1e3
         record("resnet18_step", model="dynamic best per layer", compiled=False, amp=str(amp_dtype),
                B=RESNET["batch"], ms=round(ms, 2), rule=best)
 
@@ -285,7 +291,8 @@ def resnet(budget: float, compiled: bool) -> None:
             model = torch.compile(model)
         t0 = time.time()
         try:
-            ms = bench.time_train_step(model, RESNET["batch"], RESNET["size"], amp_dtype, RESNET["repeats"], DEVICE) * 1e3
+            ms = 1e3 * bench.time_train_step(model, RESNET["batch"], RESNET["size"], amp_dtype, RESNET["repeats"],
+                                             DEVICE)
             peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
             record("resnet18_step", model=label, compiled=compiled, amp=str(amp_dtype), B=RESNET["batch"],
                    ms=round(ms, 2), peak_GiB=round(peak, 2), wall_s=round(time.time() - t0, 1))

@@ -6,6 +6,11 @@ selector) get their script added twice: once as ``_JavaScript(None)`` and again
 when the HTML builder re-adds late assets as ``_JavaScript('')`` in
 ``prepare_writing``. The second ``const`` declaration throws a JavaScript error
 on every page. This keeps the first copy of each script.
+
+Fixed upstream by sphinx-doc/sphinx#13402 ("Sphinx.add_js_file(): replace None
+filename with '' before passing to HTML builder", merged 2025-03-02). Delete this
+extension (and its line in _config.yml) once the Sphinx that Jupyter Book
+installs includes that fix: Jupyter Book 1.0.4 pins Sphinx 7.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 r"""Fused dynamic convolution in Triton: the per-sample kernels are never written to memory.
 
 Needs the ``gpu`` extra (``pip install .[gpu]``, i.e. Triton). Nothing else in
-:mod:`dyconv_teach` imports this module. The kernels run on CUDA tensors, and
+``dyconv_teach`` imports this module. The kernels run on CUDA tensors, and
 on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 triton is first imported), which is how the tests check them without a GPU;
-the interpreter uses fixed small tiles (:data:`_INTERPRETER_META`).
+the interpreter uses fixed small tiles (``_INTERPRETER_META``).
 
 The picture: convolution as an implicit GEMM
 --------------------------------------------
@@ -42,7 +42,7 @@ it twice, halving the bank traffic per multiply-add. Large maps prefer
 ``BLOCK_M = 128`` or ``256`` with one sample.
 
 Tiles. ``triton.autotune`` times a few tiles per layer shape and batch size
-(:data:`_GEMM_TILES`, :data:`_BANK_GRAD_TILES`), after dropping tiles much
+(``_GEMM_TILES``, ``_BANK_GRAD_TILES``), after dropping tiles much
 larger than the layer. They were chosen by compiling for sm_90a
 (``tools/check_triton_compile.py``): every one fits the shared memory of an
 H100 (at most 208 KiB, float32 with two samples) and compiles without spilling

@@ -52,6 +52,14 @@ def _output_hw(
     )
 
 
+def _strategy(name: str, x: Tensor, weight: Tensor, out_hw: Tuple[int, int]) -> strategies.Strategy:
+    """The strategy ``name`` names, or for ``'auto'`` the one the rule chooses (the same in
+    the forward and the backward, which see the same shapes)."""
+    if name == "auto":
+        name = strategies.choose(x.device.type, x.shape[0], weight, out_hw)
+    return strategies.STRATEGIES[name]
+
+
 def _forward(
     x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Sequence[int],
     padding: Sequence[int], dilation: Sequence[int], groups: int, strategy: str,
@@ -59,8 +67,8 @@ def _forward(
     out_hw = _output_hw(x, weight, stride, padding, dilation)
     if x.shape[0] == 0:
         return x.new_empty(0, weight.shape[1], *out_hw), x.new_empty(0)
-    name = strategies.choose(x.device.type, x.shape[0], weight, out_hw) if strategy == "auto" else strategy
-    return strategies.STRATEGIES[name].forward(x, weight, attention, bias, stride, padding, dilation, groups)
+    run = _strategy(strategy, x, weight, out_hw)
+    return run.forward(x, weight, attention, bias, stride, padding, dilation, groups)
 
 
 @torch.library.custom_op("dyconv_teach::dynamic_conv2d", mutates_args=())
@@ -105,16 +113,13 @@ def _backward_op(
     mask: Sequence[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The four gradients; an empty tensor stands for one that ``mask`` did not ask for."""
-    grads: Sequence[Optional[Tensor]] = (None, None, None, None)
+    grads: Sequence[Optional[Tensor]]
     if x.shape[0] == 0:
         grads = (torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(attention),
                  None if bias is None else torch.zeros_like(bias))
     else:
-        out_hw = (grad.shape[2], grad.shape[3])
-        name = strategies.choose(x.device.type, x.shape[0], weight, out_hw) if strategy == "auto" else strategy
-        grads = strategies.STRATEGIES[name].backward(
-            grad, x, weight, attention, bias, saved, stride, padding, dilation, groups, mask
-        )
+        run = _strategy(strategy, x, weight, (grad.shape[2], grad.shape[3]))
+        grads = run.backward(grad, x, weight, attention, bias, saved, stride, padding, dilation, groups, mask)
     # Each gradient in its input's strides, as the fake below promises graph compilers.
     inputs = (x, weight, attention, bias)
     return tuple(  # type: ignore[return-value]

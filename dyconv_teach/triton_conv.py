@@ -106,7 +106,7 @@ import triton.testing
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from ._utils import check_tensors, memory_format, output_size, pair
+from ._utils import check_conv_args, check_tensors, memory_format, output_size, pair
 
 __all__ = ["fused_forward", "fused_backward"]
 
@@ -511,6 +511,10 @@ def _check(
     stride: Pair, padding: Pair, dilation: Pair, groups: int,
 ) -> _Conv:
     """Validate the arguments of :func:`fused_forward` / :func:`fused_backward`; return the sizes."""
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int or a pair of ints (the caller resolves {padding!r}), got {padding!r}")
+    if x.dim() == 4 and weight.dim() == 5:
+        check_conv_args(x.shape[1], weight.shape[1], groups, stride, padding, dilation)
     stride_ = pair("stride", stride, 1)
     padding_ = pair("padding", padding, 0)
     dilation_ = pair("dilation", dilation, 1)

@@ -285,7 +285,7 @@ def _finish(fig: Figure, ax: Axes, width: float, top: str, bottom: str) -> Figur
 
 def draw_group_wiring(C: int, O: int, g: int) -> Figure:
     """Grouped convolution: ``C`` input channels in ``g`` colored groups, each
-    wired only to the ``O/g`` output channels (one kernel each) of its group.
+    wired only to the ``O/g`` output channels (one filter each) of its group.
 
     Raises:
         ValueError: if ``g`` does not divide ``C`` and ``O``.
@@ -296,7 +296,7 @@ def draw_group_wiring(C: int, O: int, g: int) -> Figure:
     colors = [plt.get_cmap("tab10")(i % 10) for i in range(g)]
     labels = [f"group {i}" if width / g >= 2 else str(i) for i in range(g)]
     _wire_groups(ax, C, O, g, colors, 0.0, width, labels)
-    ax.set_title(f"g={g}: each kernel [C/g, k, k] reads {C // g} of the {C} input channels", fontsize=10)
+    ax.set_title(f"g={g}: each filter [C/g, k, k] reads {C // g} of the {C} input channels", fontsize=10)
     return _finish(fig, ax, width, f"input C={C}", f"output O={O}")
 
 

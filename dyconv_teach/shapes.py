@@ -188,7 +188,9 @@ class GroupedConvShapes:
     params_dense: int = 0  # the same layer with g = 1, O * C * k * k
 
 
-def grouped_conv_shapes(C: int, O: int, g: int, k: int = 3, H: int = 8, B: int = 1) -> GroupedConvShapes:
+def grouped_conv_shapes(
+    C: int, O: int, g: int, k: int = EXAMPLE.k, H: int = EXAMPLE.H, B: int = 1
+) -> GroupedConvShapes:
     """Build ``nn.Conv2d(C, O, k, groups=g)`` and run ``F.conv2d(x, its weight, groups=g)``.
 
     When ``g`` does not divide ``C`` and ``O`` there is no weight ``[O, C/g, k, k]``:

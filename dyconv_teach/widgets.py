@@ -101,7 +101,7 @@ def _span(channels: range) -> str:
 
 
 def grouped_conv_explorer() -> Explorer:
-    """Explore grouped convolution: C, O, g (k = 3, H = W = 8, B = 1)."""
+    """Explore grouped convolution: C, O, g (k and H = W of the running example, B = 1)."""
     controls = [
         Control("C", "C", (2, 4, 6, 8), EXAMPLE.C, tuple(range(1, 17))),
         Control("O", "O", (2, 4, 6, 8), EXAMPLE.O, tuple(range(1, 17))),
@@ -109,7 +109,7 @@ def grouped_conv_explorer() -> Explorer:
     ]
     headers = {"shapes": caption("nn.Conv2d(C, O, k, groups=g) and its F.conv2d call"),
                "split": caption("Channel split and parameters"),
-               "diagram": caption("Wiring: a line joins an input channel to each kernel that reads it")}
+               "diagram": caption("Wiring: a line joins an input channel to each filter that reads it")}
     return Explorer("grouped", "Grouped convolution: weight [O, C/g, k, k]", controls,
                     ("shapes", "split", "diagram"), _render_grouped, headers)
 

@@ -92,6 +92,8 @@ def test_archive_runs_a_chapter_in_a_fresh_environment(tmp_path: Path) -> None:
     run([sys.executable, "-m", "venv", str(venv)], cwd=project)
     python = str(venv / "bin" / "python")
     run([python, "-m", "pip", "install", "-q", "-r", "requirements.txt"], cwd=project)
-    # The archive has no tests/ folder: replace the repository's pytest options by nbval's own.
+    # The archive has no tests/ folder: replace the repository's pytest options by nbval's own, with
+    # the repository's sanitizer (a stored explorer keeps only its default view; see nbval_sanitize.cfg).
     run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--nbval",
-         "--nbval-current-env", CHAPTER], cwd=project)
+         "--nbval-current-env", "--nbval-sanitize-with", str(ROOT / "tests" / "nbval_sanitize.cfg"), CHAPTER],
+        cwd=project)

@@ -96,9 +96,10 @@ def test_grouped_conv_shapes(C: int, O: int, g: int) -> None:
             torch.nn.Conv2d(C, O, 3, groups=g)
         assert (r.error, r.weight, r.output, r.split) == (str(info.value), None, None, ())
         return
-    assert r.weight == (O, C // g, 3, 3)
-    assert (r.error, r.output) == (None, (1, O, 6, 6))
-    assert (r.params, r.params_dense) == (O * (C // g) * 9, O * C * 9)
+    k, H = EXAMPLE.k, EXAMPLE.H
+    assert r.weight == (O, C // g, k, k)
+    assert (r.error, r.output) == (None, (1, O, H - k + 1, H - k + 1))
+    assert (r.params, r.params_dense) == (O * (C // g) * k * k, O * C * k * k)
     assert [list(i) for i, _ in r.split] == [list(range(j * C // g, (j + 1) * C // g)) for j in range(g)]
     assert sorted(m for _, o in r.split for m in o) == list(range(O))
 

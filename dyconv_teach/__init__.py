@@ -2,7 +2,7 @@
 
 - :mod:`dyconv_teach.functional`: the exact batched core, :func:`dynamic_conv2d`.
 - :mod:`dyconv_teach.layers`: :class:`DynamicConv2d`, the layer.
-- :mod:`dyconv_teach.reference`: slow reference versions and the seed's buggy one.
+- :mod:`dyconv_teach.reference`: slow reference versions and a blog post's buggy one.
 
 Teaching helpers (shape tables, widgets, plots) live in their own modules and
 are not imported here, so using the layer never pulls in ipywidgets or matplotlib.

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 from .shapes import Shape, shape_text
 
-__all__ = ["Symbols", "BLOG_VIEW", "conv2d_problem", "groups_problem"]
+__all__ = ["Symbols", "NAIVE_5D", "BLOG_VIEW", "conv2d_problem", "groups_problem"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class Symbols:
     weight: Tuple[str, ...]
     groups: str
 
+
+#: The first thing everyone tries: ``F.conv2d(x, weight)`` with one kernel set per sample, a 5-D weight.
+NAIVE_5D = Symbols(("B", "C", "H", "W"), ("B", "O", "C/g", "k", "k"), "g")
 
 #: The blog post's call: ``x.view(1, -1, H, W)`` and the weight ``.view(O, -1, k, k)``, ``groups = g*B``.
 BLOG_VIEW = Symbols(("1", "B*C", "H", "W"), ("O", "B*C/g", "k", "k"), "g*B")

@@ -10,6 +10,8 @@
   grouped convolution and of the batch-as-groups trick. Channels are dots, inputs
   on the top row, outputs on the bottom row; a line joins an input channel to
   every output channel whose kernel reads it.
+- :func:`drawn_shapes`: every shape written in a figure, with the name of the
+  label that holds it, so a page can hold each label against its real tensor.
 
 Notation: ``k`` is the kernel size; the bank ``Theta`` ``[K, O, C/g, k, k]`` holds
 the K kernels ``Theta_j``; sample ``b``'s mixed kernel is
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import re
 import textwrap
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib.pyplot as plt
 import torch
@@ -36,9 +38,11 @@ from .explain import BLOG_VIEW, conv2d_problem
 from .layers import DynamicConv2d
 from .shapes import Shape, shape_text
 
-__all__ = ["draw_dynamic_convolution", "draw_channel_layouts", "draw_group_wiring", "draw_batch_as_groups"]
+__all__ = ["draw_dynamic_convolution", "draw_channel_layouts", "draw_group_wiring", "draw_batch_as_groups",
+           "drawn_shapes"]
 
 _TOP, _BOTTOM = 1.0, 0.0
+_SHAPE = re.compile(r"\[(\d+(?:, \d+)*)\]")
 #: Samples drawn in full by :func:`draw_batch_as_groups`; a larger batch shows its first
 #: samples, an ellipsis and its last sample, so the labels keep a readable size.
 MAX_DRAWN_SAMPLES = 4
@@ -54,14 +58,31 @@ def _close(fig: Figure) -> Figure:
     return fig
 
 
+def drawn_shapes(fig: Figure) -> List[Tuple[Optional[str], Shape]]:
+    """Every shape written in ``fig``, as ``(name, shape)`` in drawing order.
+
+    ``name`` is the label's gid: :func:`draw_dynamic_convolution` names its labels
+    ``x, avgpool, fc1, relu, logits, pi, bank, kernel, mix, y``; :func:`draw_channel_layouts`
+    names them ``x, blog, correct`` and ``why`` (the sentence under the blog's weight,
+    which names two shapes). A label without a gid gives ``None``.
+    """
+    found: List[Tuple[Optional[str], Shape]] = []
+    for ax in fig.axes:
+        for text in ax.texts:
+            for match in _SHAPE.finditer(text.get_text().replace("\u00a0", " ")):
+                found.append((text.get_gid(), tuple(int(n) for n in match.group(1).split(", "))))
+    return found
+
+
 # -- dynamic convolution, after the paper's Figure 3 ---------------------------------------------
 
 
-def _box(ax: Axes, x: float, y: float, name: str, shape: Shape, color: Any = "#f6f8fa", width: float = 2.0) -> None:
-    """A box centred at ``(x, y)``, labelled ``name`` over ``shape``."""
+def _box(ax: Axes, x: float, y: float, name: str, shape: Shape, gid: str, color: Any = "#f6f8fa",
+         width: float = 2.0) -> None:
+    """A box centred at ``(x, y)``, labelled ``name`` over ``shape``; ``gid`` names the label."""
     ax.add_patch(FancyBboxPatch((x - width / 2, y - 0.3), width, 0.6, boxstyle="round,pad=0.04",
                                 facecolor=color, edgecolor="#57606a", lw=1))
-    ax.text(x, y, f"{name}\n{shape_text(shape)}", ha="center", va="center", fontsize=10)
+    ax.text(x, y, f"{name}\n{shape_text(shape)}", ha="center", va="center", fontsize=10, gid=gid)
 
 
 def _arrow(ax: Axes, *points: Tuple[float, float]) -> None:
@@ -117,11 +138,12 @@ def draw_dynamic_convolution(layer: DynamicConv2d, x: Tensor) -> Figure:
     fig, ax = plt.subplots(figsize=(5.6, 6.6))
     left, right, blue, green = 1.45, 4.3, "#ddf4ff", "#effaf1"
     squash = "softmax" if layer.routing == "softmax" else "sigmoid"
-    chain = [("x", tuple(x.shape)), ("avgpool", seen["fc1 in"]), ("FC", seen["fc1"]), ("ReLU", seen["fc2 in"]),
-             ("FC: logits", seen["fc2"]), (f"$\\pi$ = {squash}(logits / $\\tau$)", tuple(pi.shape))]
+    chain = [("x", "x", tuple(x.shape)), ("avgpool", "avgpool", seen["fc1 in"]), ("fc1", "FC", seen["fc1"]),
+             ("relu", "ReLU", seen["fc2 in"]), ("logits", "FC: logits", seen["fc2"]),
+             ("pi", f"$\\pi$ = {squash}(logits / $\\tau$)", tuple(pi.shape))]
     ys = [6.7 - 1.0 * i for i in range(len(chain))]
-    for i, ((name, shape), cy) in enumerate(zip(chain, ys)):
-        _box(ax, left, cy, name, shape, color="#f6f8fa" if i == 0 else blue)
+    for i, ((gid, name, shape), cy) in enumerate(zip(chain, ys)):
+        _box(ax, left, cy, name, shape, gid, color="#f6f8fa" if i == 0 else blue)
         if i:
             _arrow(ax, (left, ys[i - 1] - 0.34), (left, cy + 0.34))
     ax.text(left + 1.1, (ys[1] + ys[-1]) / 2, f"attention branch\n$\\tau$ = {layer.temperature:g}", rotation=90,
@@ -134,16 +156,17 @@ def draw_dynamic_convolution(layer: DynamicConv2d, x: Tensor) -> Figure:
         labels[-2:] = ["...", f"$\\Theta_{{{K - 1}}}$"]
     top_right = _stack(ax, right - 0.9, 4.3, labels)
     ax.text(right, top_right[1] + 0.15, f"bank $\\Theta$, K = {K} kernels\n{shape_text(tuple(bank.shape))}",
-            ha="center", va="bottom", fontsize=10)
-    ax.text(right, 4.2, f"each $\\Theta_j$ {shape_text(tuple(bank.shape[1:]))}", ha="center", va="top", fontsize=9)
-    _box(ax, right, y_pi, "mix $\\Sigma_j\\,\\pi_{b,j}\\,\\Theta_j$", tuple(mixed.shape), color="#fff8c5",
+            ha="center", va="bottom", fontsize=10, gid="bank")
+    ax.text(right, 4.2, f"each $\\Theta_j$ {shape_text(tuple(bank.shape[1:]))}", ha="center", va="top", fontsize=9,
+            gid="kernel")
+    _box(ax, right, y_pi, "mix $\\Sigma_j\\,\\pi_{b,j}\\,\\Theta_j$", tuple(mixed.shape), "mix", color="#fff8c5",
          width=2.4)
     _arrow(ax, (right, 3.75), (right, y_pi + 0.34))
     _arrow(ax, (left + 1.0, y_pi), (right - 1.24, y_pi))
     ax.text(right, y_pi - 0.38, "one kernel $\\tilde\\Theta_b$ per sample", ha="center", va="top", fontsize=9)
 
     y_out = y_pi - 1.6
-    _box(ax, right, y_out, "y: x[b] conv $\\tilde\\Theta_b$", tuple(y.shape), color=green, width=2.4)
+    _box(ax, right, y_out, "y: x[b] conv $\\tilde\\Theta_b$", tuple(y.shape), "y", color=green, width=2.4)
     _arrow(ax, (right, y_pi - 0.75), (right, y_out + 0.34))
     # x also goes straight to the convolution, down the left margin.
     _arrow(ax, (left - 1.0, ys[0]), (0.2, ys[0]), (0.2, y_out), (right - 1.24, y_out))
@@ -211,19 +234,20 @@ def draw_channel_layouts(B: int, C: int, O: int, g: int = 1, k: int = 3, H: int 
     channels = folded[0, :, 0, 0]
     _cells(ax, 0, height - 1.2, (channels // C)[None], [[f"c{int(i) % C}" for i in channels]])
     ax.text(0, height - 1.0, f"x.reshape(1, B*C, H, W) {shape_text(tuple(folded.shape))}: channel axis",
-            fontsize=10, va="bottom")
+            fontsize=10, va="bottom", gid="x")
     top = height - 4.4
     _cells(ax, 0, top, *owners(blog))
     ax.text(0, top + 0.2, f"blog: .view(O, -1, k, k)\n{shape_text(tuple(blog.shape))}, axis 1 = B*C/g",
-            fontsize=10, va="bottom")
-    ax.text(0, top - blog.shape[0] - 0.4, why, fontsize=9, va="top")
+            fontsize=10, va="bottom", gid="blog")
+    ax.text(0, top - blog.shape[0] - 0.4, why, fontsize=9, va="top", gid="why")
     for b in range(B):
         y = top - rows + 0.7 * (B - b) - 0.6
         ax.add_patch(Rectangle((0, y), 0.8, 0.5, facecolor=_sample_color(b), alpha=0.55))
         ax.text(1.0, y + 0.25, f"sample b={b}", fontsize=9, va="center")
     x_ok = blog.shape[1] + gap
     _cells(ax, x_ok, top, *owners(correct))
-    ax.text(x_ok, top + 0.2, f"correct:\n{shape_text(tuple(correct.shape))}", fontsize=10, va="bottom")
+    ax.text(x_ok, top + 0.2, f"correct:\n{shape_text(tuple(correct.shape))}", fontsize=10, va="bottom",
+            gid="correct")
     ax.set_xlim(-0.1, width + 0.1)
     ax.set_ylim(top - rows - 0.1, height)
     ax.set_aspect("equal")

@@ -66,7 +66,8 @@ def seed_dynamic_conv2d(
     dilation: IntPair = 1,
     groups: int = 1,
 ) -> Tensor:
-    """The forward pass of the second seed blog post, line for line.
+    """The forward pass of a Chinese-language blog post's dynamic convolution (the post whose
+    first heading is 普通卷积和动态卷积的区别; the book's chapter 5), line for line.
 
     Its aggregated weight is reshaped with ``.view(out_planes, -1, k, k)``. For
     B = 1 that is ``[O, C/g, k, k]`` and correct; for B > 1 the B kernel sets

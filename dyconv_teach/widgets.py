@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .explain import BLOG_VIEW, Symbols, conv2d_problem, groups_problem
+from .explain import BLOG_VIEW, NAIVE_5D, Symbols, conv2d_problem, groups_problem
 from .explorer import Control, Explorer, Fragments, caption, error, formula, note, ok, svg_image, table
 from .plots import draw_batch_as_groups, draw_group_wiring
 from .shapes import (
@@ -116,9 +116,6 @@ def grouped_conv_explorer() -> Explorer:
 
 # -- chapter 5: batching a dynamic convolution ----------------------------------------------------
 
-_NAIVE_AXES = Symbols(("B", "C", "H", "W"), ("B", "O", "C/g", "k", "k"), "g")
-
-
 def _render_batch_kernel(B: int, K: int, g: int, C: int, O: int, k: int, H: int) -> Fragments:
     r = batch_kernel_shapes(B, K, C, O, g, k, H)
     shapes = table([
@@ -137,7 +134,7 @@ def _render_batch_kernel(B: int, K: int, g: int, C: int, O: int, k: int, H: int)
         f"K = {K} lives only in this product: it sums over the kernels j, so sample b gets one kernel set "
         f"sum_j pi[b, j] Theta_j, and after the aggregation no shape holds K."
     )
-    naive_why = conv2d_problem(r.x, r.aggregated, g, _NAIVE_AXES)
+    naive_why = conv2d_problem(r.x, r.aggregated, g, NAIVE_5D)
     naive = error("F.conv2d", "RuntimeError", r.naive_error, _explained(naive_why, r.naive_error))
     blog_rows = [
         ("x.view(1, -1, H, W)", "[1, B*C, H, W]", shape_text(r.blog_call.input)),

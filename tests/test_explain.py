@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dyconv_teach.explain import BLOG_VIEW, Symbols, conv2d_problem, groups_problem
+from dyconv_teach.explain import BLOG_VIEW, NAIVE_5D, Symbols, conv2d_problem, groups_problem
 
 GENERIC = Symbols(("N", "C_in", "H", "W"), ("C_out", "C_in/groups", "kH", "kW"), "groups")
 
@@ -69,10 +69,9 @@ def test_blog_view_sentences(B: int, C: int, O: int, g: int, torch_words: str, s
 
 
 def test_five_d_weight_sentence() -> None:
-    naive = Symbols(("B", "C", "H", "W"), ("B", "O", "C/g", "k", "k"), "g")
     error = torch_error((2, 4, 9, 9), (2, 6, 4, 3, 3), 1)
     assert error is not None and "expected stride to be a single integer value or a list of 3 values" in error
-    assert conv2d_problem((2, 4, 9, 9), (2, 6, 4, 3, 3), 1, naive) == (
+    assert conv2d_problem((2, 4, 9, 9), (2, 6, 4, 3, 3), 1, NAIVE_5D) == (
         "The weight [B, O, C/g, k, k] = [2, 6, 4, 3, 3] has 5 axes, so torch reads the call as a 3-D convolution "
         "and asks for 3 strides; F.conv2d takes a 4-D weight, one set of kernels for the whole batch, with no "
         "axis for B = 2."

@@ -50,6 +50,9 @@ def test_archive_holds_the_runnable_project_and_is_reproducible(tmp_path: Path) 
     needed = ["README.md", "pyproject.toml", "requirements.txt", "dyconv_teach/__init__.py", "dyconv_teach/layers.py"]
     assert chapters and set(chapters) <= set(names)
     assert {f"dyconv-book/{n}" for n in needed} <= set(names)
+    # The measurements chapter 8 reads (book/data) travel with the chapters.
+    data = {f"dyconv-book/{p.relative_to(ROOT).as_posix()}" for p in ROOT.glob("book/data/*.csv")}
+    assert data and data <= set(names)
 
 
 def test_the_book_ships_the_archive() -> None:

@@ -5,9 +5,7 @@ temporary copy of ``book/`` so that nothing it saves reaches the repository, and
 chapters in headless Chromium (the ``browser`` fixture of conftest.py) as a new reader would:
 freshly, untrusted, kernel not run. The server is stopped by its process id at the end.
 
-The folding of solutions follows the recipe in the README ("Maintaining the book"). Chapters
-named in :data:`SOLUTIONS_NOT_FOLDED_YET` predate it; their folding checks are expected to fail
-(``xfail``, strict) until the second edition's rewrite removes them from the set.
+The folding of solutions follows the recipe in the README ("Maintaining the book").
 """
 
 from __future__ import annotations
@@ -32,13 +30,6 @@ import pytest
 BOOK = Path(os.environ.get("DYCONV_BOOK_DIR", Path(__file__).resolve().parents[1] / "book"))
 CHAPTERS = sorted(p.stem for p in BOOK.glob("[0-9][0-9]_*.ipynb"))
 TOKEN = "dyconv-test-token"
-
-#: Chapters whose solutions are not yet folded as the README's recipe says (first edition).
-#: Remove a chapter once it follows the recipe; its folding checks then must pass.
-SOLUTIONS_NOT_FOLDED_YET = {
-    "06_correctness", "07_training", "08_cost",
-}
-
 
 def cells(chapter: str) -> List[Dict[str, Any]]:
     return json.loads((BOOK / f"{chapter}.ipynb").read_text())["cells"]
@@ -74,18 +65,10 @@ def explorer_kinds(chapter: str) -> List[str]:
             for kind in re.findall(r'data-explorer=\\?"(\w+)', json.dumps(cell.get("outputs", [])))]
 
 
-def folding(chapter: str) -> List[Any]:
-    """pytest marks for a chapter's folding checks: xfail while it predates the recipe."""
-    if chapter in SOLUTIONS_NOT_FOLDED_YET:
-        return [pytest.mark.xfail(reason="first-edition chapter: solutions not yet folded (README recipe)",
-                                  strict=True)]
-    return []
-
-
 # -- the recipe, in the notebook files -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("chapter", [pytest.param(c, marks=folding(c)) for c in CHAPTERS])
+@pytest.mark.parametrize("chapter", CHAPTERS)
 def test_solution_cells_are_folded(chapter: str) -> None:
     """Inside a solution, code cells are folded in JupyterLab (and their first line, which a folded
     cell still shows, gives nothing away); prose sits in a MyST dropdown, which stays closed."""
@@ -155,6 +138,12 @@ def lab() -> Iterator[str]:
             log.close()
 
 
+def shown_markdown(chapter: str) -> int:
+    """How many markdown cells a reader sees rendered (a folded cell is rendered when opened)."""
+    return sum(c["cell_type"] == "markdown" and not c["metadata"].get("jupyter", {}).get("source_hidden")
+               for c in cells(chapter))
+
+
 def open_chapter(browser: Any, lab: str, chapter: str) -> Tuple[Any, Any]:
     """Open a chapter as a new reader does; return the page and its notebook's cells, all rendered."""
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -167,10 +156,11 @@ def open_chapter(browser: Any, lab: str, chapter: str) -> Tuple[Any, Any]:
             return nb && nb.querySelectorAll('.jp-Cell').length >= count
                 && !nb.querySelector('.jp-MarkdownCell:not(.jp-mod-rendered)');
         }""", arg=[count], timeout=60_000)
-    # MyST renders each markdown cell asynchronously, into a div.myst; a busy machine takes seconds.
+    # MyST renders each markdown cell asynchronously, the slower the busier the machine: wait
+    # until every cell the reader sees has its MyST rendering, then a moment for the last one.
     page.wait_for_function(
-        """([count]) => document.querySelectorAll(
-            '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-MarkdownCell .myst').length >= count""",
+        """([n]) => document.querySelectorAll(
+            '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-MarkdownCell .myst').length >= n""",
         arg=[shown_markdown(chapter)], timeout=60_000)
     page.wait_for_timeout(500)
     return page, notebook.locator(".jp-Cell")
@@ -207,7 +197,7 @@ def assert_solutions_folded(chapter: str, cell_list: Any, outputs: bool = True) 
             assert " ".join(body) not in cell.inner_text(), f"{chapter}: solution cell {i} shows its prose"
 
 
-@pytest.mark.parametrize("chapter", [pytest.param(c, marks=folding(c)) for c in CHAPTERS])
+@pytest.mark.parametrize("chapter", CHAPTERS)
 def test_solutions_hidden_until_opened(browser: Any, lab: str, chapter: str) -> None:
     page, cell_list = open_chapter(browser, lab, chapter)
     assert solution_cells(chapter), f"{chapter} has no solutions"
@@ -249,10 +239,9 @@ def test_explorers_say_they_are_not_live_then_come_alive(browser: Any, lab: str,
         assert notice.is_visible() and "Run the notebook to make this explorer live." in notice.inner_text()
         assert fallback.locator("select:disabled").count() == fallback.locator("select").count() > 0
     run_all(page)
-    if chapter not in SOLUTIONS_NOT_FOLDED_YET:
-        # JupyterLab shows the output of every cell it runs, but the code and the prose stay folded.
-        assert_solutions_folded(chapter, page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell"),
-                                outputs=False)
+    # JupyterLab shows the output of every cell it runs, but the code and the prose stay folded.
+    assert_solutions_folded(chapter, page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell"),
+                            outputs=False)
     # Live: one widget per explorer, no notice; one slider move changes what the explorer shows.
     widgets = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output .widget-vbox")
     page.wait_for_function("() => document.querySelectorAll('.widget-vbox .widget-slider').length > 0")

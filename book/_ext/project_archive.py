@@ -20,7 +20,7 @@ from sphinx.application import Sphinx
 ARCHIVE = "dyconv-book.zip"
 FOLDER = "dyconv-book"
 FILES = ["README.md", "pyproject.toml", "requirements.txt"]
-PATTERNS = ["book/*.ipynb", "dyconv_teach/*.py"]
+PATTERNS = ["book/*.ipynb", "book/data/*.csv", "dyconv_teach/*.py"]
 HOW_TO_RUN = """\
 # How to run the book's chapters
 

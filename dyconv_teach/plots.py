@@ -406,7 +406,8 @@ def draw_implicit_gemm(
     gap = 4.0
     left, top = 0.0, 0.0  # A's left edge; W's top edge
     x_w, y_a = R + gap, R + gap  # W and out start right of A; A and out start below W
-    fig, ax = plt.subplots(figsize=(7.2, 0.075 * (R + gap + P) + 1.2))
+    right, bottom = x_w + O + 20.0, y_a + P + 7.0  # the drawing's extent, in cells
+    fig, ax = plt.subplots(figsize=(0.075 * right + 0.3, 0.075 * (bottom + 2.0) + 0.9))
     _matrix(ax, left, y_a, P, R, "#f6f8fa", "A")
     _matrix(ax, x_w, top, R, O, "#fff8c5", "W")
     _matrix(ax, x_w, y_a, P, O, "#effaf1", "out")
@@ -431,26 +432,25 @@ def draw_implicit_gemm(
         ax.add_patch(Rectangle((xj, y_bank), size * tile_w, size * tile_h, facecolor="#ffe9a8",
                                edgecolor="#1f2328", lw=0.8, gid="bank tile"))
         ax.text(xj + size * tile_w / 2, y_bank - 0.6, f"$\\pi_{{b,{j}}}\\,\\Theta_{{{j}}}$", ha="center",
-                va="bottom", fontsize=8)
+                va="bottom", fontsize=9)
     ax.text(1.0, y_bank + size * tile_h + 1.0,
             f"bank tiles {shape_text(tuple(bank_tiles.shape))}\nmixed in registers:\n"
-            f"$\\Sigma_j\\,\\pi_{{b,j}}\\,\\Theta_j$, K = {K} FMAs per weight", va="top", fontsize=8)
+            f"$\\Sigma_j\\,\\pi_{{b,j}}\\,\\Theta_j$: K = {K} FMAs\nper weight", va="top", fontsize=9.5)
     _arrow(ax, (xs[-1] + size * tile_w + 0.3, y_bank + size * tile_h / 2), (x_w - 0.3, top + red.start + tile_h / 2))
 
     ax.text(left, y_a + P + 1.5, f"$A_b$ = im2col(x[b]) {shape_text(tuple(A.shape))}, never built:\n"
-            f"A tile {shape_text(tuple(a_tile.shape))} loaded from x", va="top", fontsize=9)
+            f"A tile {shape_text(tuple(a_tile.shape))} loaded from x", va="top", fontsize=10.5)
     ax.text(x_w + O + 1.0, top + R / 2,
             f"$W_b$ = $\\Sigma_j\\,\\pi_{{b,j}}\\,\\Theta_j$\n{shape_text(tuple(Wb.shape))}\n"
-            f"W tile {shape_text(tuple(w_tile.shape))}\nnever stored", va="center", fontsize=9)
+            f"W tile {shape_text(tuple(w_tile.shape))}\nnever stored", va="center", fontsize=10.5)
     ax.text(x_w + O + 1.0, y_a + P / 2, f"out_b {shape_text(tuple(out.shape))}\n"
-            f"output tile\n{shape_text(tuple(out_tile.shape))}\n+= A tile @ W tile", va="center", fontsize=9)
-    ax.text(left, y_a - 1.0, f"rows: output pixels p = (oh, ow); columns: r = (kh, kw, c), tap {tap} of "
-            f"{kH * kW} shown", va="bottom", fontsize=8)
-    ax.set_title(f"sample b = {sample}: out_b = $A_b$ @ $W_b$; program ({tile[0]}, {tile[1]}),\n"
-                 f"reduction step {step} (steps 0 to {steps - 1}: {kH * kW} taps x {c_chunks} channel chunks)",
-                 fontsize=10)
-    ax.set_xlim(-0.5, x_w + O + 16)
-    ax.set_ylim(y_a + P + 6, -1.5)
+            f"output tile\n{shape_text(tuple(out_tile.shape))}\n+= A tile\n   @ W tile", va="center", fontsize=10.5)
+    ax.text(left, y_a - 1.0, f"rows: output pixels p = (oh, ow)\ncolumns: r = (kh, kw, c), "
+            f"{kH * kW} taps", va="bottom", fontsize=9.5)
+    ax.set_title(f"out_b = $A_b$ @ $W_b$ for sample b = {sample}\nprogram ({tile[0]}, {tile[1]}), "
+                 f"reduction step {step} (steps 0 to {steps - 1}): tap {tap}", fontsize=11)
+    ax.set_xlim(-0.5, right)
+    ax.set_ylim(bottom, -1.5)
     ax.set_aspect("equal")
     ax.axis("off")
     fig.tight_layout()

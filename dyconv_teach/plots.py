@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Rectangle
@@ -39,7 +40,7 @@ from .layers import DynamicConv2d
 from .shapes import Shape, shape_text
 
 __all__ = ["draw_dynamic_convolution", "draw_channel_layouts", "draw_group_wiring", "draw_batch_as_groups",
-           "drawn_shapes"]
+           "draw_implicit_gemm", "drawn_shapes"]
 
 _TOP, _BOTTOM = 1.0, 0.0
 _SHAPE = re.compile(r"\[(\d+(?:, \d+)*)\]")
@@ -355,3 +356,125 @@ def draw_batch_as_groups(B: int, C: int, O: int, g: int = 1) -> Figure:
     ax.set_title(f"groups = B*g = {B * g}: sample b meets only its own kernels;\n"
                  f"the output [1, B*O, H', W'] is viewed back to [B={B}, O={O}, H', W']", fontsize=10)
     return _finish(fig, ax, width, f"x.reshape(1, B*C={B * C}, H, W)", f"[1, B*O={B * O}, H', W']")
+
+
+# -- the fused kernel's implicit GEMM ------------------------------------------------------------------
+
+
+def _matrix(ax: Axes, x0: float, y0: float, rows: int, cols: int, color: str, gid: str) -> None:
+    """A matrix of ``rows x cols`` unit cells with its top left corner at ``(x0, y0)`` (y grows downwards)."""
+    ax.add_patch(Rectangle((x0, y0), cols, rows, facecolor=color, edgecolor="#57606a", lw=1, gid=gid))
+
+
+def _tile(ax: Axes, x0: float, y0: float, rows: slice, cols: slice, color: str, gid: str, alpha: float = 1.0) -> None:
+    """Highlight the cells ``[rows, cols]`` of a matrix whose top left corner is at ``(x0, y0)``."""
+    ax.add_patch(Rectangle((x0 + cols.start, y0 + rows.start), cols.stop - cols.start, rows.stop - rows.start,
+                           facecolor=color, edgecolor="#1f2328", lw=0.8, alpha=alpha, gid=gid))
+
+
+def draw_implicit_gemm(
+    x: Tensor, bank: Tensor, pi: Tensor, sample: int = 0, padding: int = 0,
+    block: Tuple[int, int, int] = (16, 4, 4), tile: Tuple[int, int] = (1, 0), step: int = 4,
+) -> Figure:
+    """The fused forward kernel's view of dynamic convolution for sample ``b = sample``: the matrix product
+    ``out_b = A_b @ W_b``, one program's output tile, and one step of its reduction loop.
+
+    ``A_b`` ``[H'W', kH*kW*C]`` is the im2col matrix of ``x[b]`` (rows: output pixels; columns
+    ``r = (kh, kw, c)``: one tap and one input channel, channels fastest), ``W_b``
+    ``[kH*kW*C, O]`` the mixed kernel ``sum_j pi[b, j] Theta_j`` in the same row order, and
+    ``out_b`` ``[H'W', O]``. ``block = (BLOCK_M, BLOCK_N, BLOCK_K)`` are the tile sizes; the
+    program drawn owns output tile ``tile = (row tile, column tile)``, and ``step`` is the
+    index of its reduction chunk (tap ``step // ceil(C / BLOCK_K)``, ``BLOCK_K`` channels).
+    In that step it loads the ``A`` tile straight from ``x`` and the ``K`` bank tiles, mixes
+    them with ``pi[b]`` into the ``W_b`` tile and adds their product to its output tile.
+    Every shape written is that of a real tensor or slice computed here; the tiles at the
+    edges are clipped to the matrix, as the kernel's masks clip them.
+
+    Args:
+        x: input ``[B, C, H, W]``; bank: ``[K, O, C, kH, kW]`` (one group, ``g = 1``);
+        pi: attention ``[B, K]``; padding: zero padding (stride 1).
+
+    Raises:
+        ValueError: for a bank with groups, a sample, tile or step outside the problem, or a block size < 1.
+    """
+    B, C, H, W = x.shape
+    K, O, CG, kH, kW = bank.shape
+    if CG != C:
+        raise ValueError(f"draws one group (g = 1): bank {tuple(bank.shape)} must have C/g = C = {C}")
+    if not 0 <= sample < B:
+        raise ValueError(f"sample must be in [0, {B}), got {sample}")
+    if min(block) < 1:
+        raise ValueError(f"block sizes must be >= 1, got {block}")
+    bm, bn, bk = block
+    # A_b from F.unfold, reordered from its columns (c, kh, kw) to the kernel's (kh, kw, c).
+    columns = F.unfold(x[sample : sample + 1], (kH, kW), padding=padding)[0]  # [C*kH*kW, H'W']
+    A = columns.reshape(C, kH * kW, -1).permute(2, 1, 0).reshape(-1, kH * kW * C)
+    mixed = torch.einsum("j,j...->...", pi[sample], bank)  # [O, C, kH, kW]
+    Wb = mixed.permute(2, 3, 1, 0).reshape(kH * kW * C, O)
+    out = A @ Wb
+    bank_rows = bank.permute(0, 3, 4, 2, 1).reshape(K, kH * kW * C, O)  # the K tiles' source, rows r
+    P, R = A.shape
+    c_chunks = -(-C // bk)
+    m_tiles, n_tiles, steps = -(-P // bm), -(-O // bn), kH * kW * c_chunks
+    if not (0 <= tile[0] < m_tiles and 0 <= tile[1] < n_tiles):
+        raise ValueError(f"tile must be in [0, {m_tiles}) x [0, {n_tiles}) for block {block}, got {tile}")
+    if not 0 <= step < steps:
+        raise ValueError(f"step must be in [0, {steps}) ({kH * kW} taps x {c_chunks} channel chunks), got {step}")
+    rows = slice(tile[0] * bm, min(tile[0] * bm + bm, P))
+    cols = slice(tile[1] * bn, min(tile[1] * bn + bn, O))
+    tap, c0 = divmod(step, c_chunks)
+    red = slice(tap * C + c0 * bk, tap * C + min(c0 * bk + bk, C))
+    a_tile, w_tile, out_tile, bank_tiles = A[rows, red], Wb[red, cols], out[rows, cols], bank_rows[:, red, cols]
+
+    gap = 4.0
+    left, top = 0.0, 0.0  # A's left edge; W's top edge
+    x_w, y_a = R + gap, R + gap  # W and out start right of A; A and out start below W
+    right, bottom = x_w + O + 20.0, y_a + P + 7.0  # the drawing's extent, in cells
+    fig, ax = plt.subplots(figsize=(0.075 * right + 0.3, 0.075 * (bottom + 2.0) + 0.9))
+    _matrix(ax, left, y_a, P, R, "#f6f8fa", "A")
+    _matrix(ax, x_w, top, R, O, "#fff8c5", "W")
+    _matrix(ax, x_w, y_a, P, O, "#effaf1", "out")
+    # Tap boundaries: every C columns of A and rows of W one kernel tap ends.
+    for t in range(1, kH * kW):
+        ax.plot([left + t * C] * 2, [y_a, y_a + P], color="#8c959f", lw=0.5)
+        ax.plot([x_w, x_w + O], [top + t * C] * 2, color="#8c959f", lw=0.5)
+    # The program's row strip of A, column strip of W, output tile; then this step's chunks.
+    _tile(ax, left, y_a, rows, slice(0, R), "#ddf4ff", "A rows", 0.9)
+    _tile(ax, x_w, top, slice(0, R), cols, "#ffe9a8", "W columns", 0.9)
+    _tile(ax, x_w, y_a, rows, cols, "#4ac26b", "out tile")
+    _tile(ax, left, y_a, rows, red, "#0969da", "A tile")
+    _tile(ax, x_w, top, red, cols, "#d4a72c", "W tile")
+
+    # The K bank tiles, in the empty corner above A, level with the W tile they are mixed into.
+    tile_w, tile_h = cols.stop - cols.start, red.stop - red.start
+    spacing = (R - 1.0) / K
+    size = min(3.0, 0.7 * spacing / tile_w, 0.5 * R / tile_h)  # drawn cell size: the K tiles fit above A
+    y_bank = max(2.0, min(top + red.start + tile_h / 2 - size * tile_h / 2, R - size * tile_h - 5.0))
+    xs = [1.0 + j * spacing for j in range(K)]
+    for j, xj in enumerate(xs):
+        ax.add_patch(Rectangle((xj, y_bank), size * tile_w, size * tile_h, facecolor="#ffe9a8",
+                               edgecolor="#1f2328", lw=0.8, gid="bank tile"))
+        ax.text(xj + size * tile_w / 2, y_bank - 0.6, f"$\\pi_{{b,{j}}}\\,\\Theta_{{{j}}}$", ha="center",
+                va="bottom", fontsize=9)
+    ax.text(1.0, y_bank + size * tile_h + 1.0,
+            f"bank tiles {shape_text(tuple(bank_tiles.shape))}\nmixed in registers:\n"
+            f"$\\Sigma_j\\,\\pi_{{b,j}}\\,\\Theta_j$: K = {K} FMAs\nper weight", va="top", fontsize=9.5)
+    _arrow(ax, (xs[-1] + size * tile_w + 0.3, y_bank + size * tile_h / 2), (x_w - 0.3, top + red.start + tile_h / 2))
+
+    ax.text(left, y_a + P + 1.5, f"$A_b$ = im2col(x[b]) {shape_text(tuple(A.shape))}, never built:\n"
+            f"A tile {shape_text(tuple(a_tile.shape))} loaded from x", va="top", fontsize=10.5)
+    ax.text(x_w + O + 1.0, top + R / 2,
+            f"$W_b$ = $\\Sigma_j\\,\\pi_{{b,j}}\\,\\Theta_j$\n{shape_text(tuple(Wb.shape))}\n"
+            f"W tile {shape_text(tuple(w_tile.shape))}\nnever stored", va="center", fontsize=10.5)
+    ax.text(x_w + O + 1.0, y_a + P / 2, f"out_b {shape_text(tuple(out.shape))}\n"
+            f"output tile\n{shape_text(tuple(out_tile.shape))}\n+= A tile\n   @ W tile", va="center", fontsize=10.5)
+    ax.text(left, y_a - 1.0, f"rows: output pixels p = (oh, ow)\ncolumns: r = (kh, kw, c), "
+            f"{kH * kW} taps", va="bottom", fontsize=9.5)
+    ax.set_title(f"out_b = $A_b$ @ $W_b$ for sample b = {sample}\nprogram ({tile[0]}, {tile[1]}), "
+                 f"reduction step {step} (steps 0 to {steps - 1}): tap {tap}", fontsize=11)
+    ax.set_xlim(-0.5, right)
+    ax.set_ylim(bottom, -1.5)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.tight_layout()
+    return _close(fig)

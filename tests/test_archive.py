@@ -47,10 +47,11 @@ def test_archive_holds_the_runnable_project_and_is_reproducible(tmp_path: Path) 
     names = zipfile.ZipFile(first).namelist()
     assert names == expected_names()
     chapters = [f"dyconv-book/{p.relative_to(ROOT).as_posix()}" for p in sorted(ROOT.glob("book/0*.ipynb"))]
-    needed = ["README.md", "pyproject.toml", "requirements.txt", "dyconv_teach/__init__.py", "dyconv_teach/layers.py"]
+    needed = ["README.md", "pyproject.toml", "requirements.txt", "dyconv_teach/__init__.py", "dyconv_teach/layers.py",
+              "tools/gpu_check.py"]
     assert chapters and set(chapters) <= set(names)
     assert {f"dyconv-book/{n}" for n in needed} <= set(names)
-    # The measurements chapter 8 reads (book/data) travel with the chapters.
+    # The measurements chapters 8 and 9 read (book/data) travel with the chapters.
     data = {f"dyconv-book/{p.relative_to(ROOT).as_posix()}" for p in ROOT.glob("book/data/*.csv")}
     assert data and data <= set(names)
 

@@ -20,6 +20,7 @@ from dyconv_teach.plots import (
     draw_channel_layouts,
     draw_dynamic_convolution,
     draw_group_wiring,
+    draw_implicit_gemm,
     drawn_shapes,
 )
 from dyconv_teach.reference import per_sample_conv2d
@@ -183,3 +184,70 @@ def test_batch_as_groups_lines(B: int, C: int, O: int, g: int) -> None:
 def test_bad_arguments(draw, args, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         draw(*args)
+
+
+# -- the fused kernel's implicit GEMM ----------------------------------------------------------------
+
+
+def patch(fig: Figure, gid: str) -> Rectangle:
+    [found] = [p for p in fig.axes[0].patches if p.get_gid() == gid]
+    return found
+
+
+@pytest.mark.parametrize("B, C, O, K, k, H, padding, block, tile, step", [
+    (EXAMPLE.B, EXAMPLE.C, EXAMPLE.O, EXAMPLE.K, EXAMPLE.k, EXAMPLE.H, 0, (16, 4, 4), (1, 0), 4),
+    # Two channel chunks per tap, and the last row and column tiles, clipped by the matrix edges.
+    (3, 6, 5, 2, 3, 6, 1, (32, 4, 4), (1, 1), 5),
+])
+def test_implicit_gemm_draws_the_real_product(B: int, C: int, O: int, K: int, k: int, H: int, padding: int,
+                                              block: Tuple[int, int, int], tile: Tuple[int, int], step: int) -> None:
+    torch.manual_seed(0)
+    x, bank, pi = torch.randn(B, C, H, H), torch.randn(K, O, C, k, k), torch.randn(B, K).softmax(-1)
+    b = B - 1
+    fig = draw_implicit_gemm(x, bank, pi, sample=b, padding=padding, block=block, tile=tile, step=step)
+    assert_closed(fig)
+    # A_b by its definition, A_b[(oh, ow), (kh, kw, c)] = x_padded[b, c, oh + kh, ow + kw], times the mixed
+    # kernel in the same row order, is sample b's convolution with its kernel.
+    mixed = torch.einsum("j,j...->...", pi[b], bank)
+    y = F.conv2d(x[b : b + 1], mixed, padding=padding)[0]  # [O, H', W']
+    xp = F.pad(x[b], (padding,) * 4)
+    A = torch.stack([torch.cat([xp[:, oh + kh, ow + kw] for kh in range(k) for kw in range(k)])
+                     for oh in range(y.shape[1]) for ow in range(y.shape[2])])
+    W = mixed.permute(2, 3, 1, 0).reshape(k * k * C, O)
+    out = y.reshape(O, -1).t()
+    torch.testing.assert_close(A @ W, out, rtol=1e-5, atol=1e-5)
+    # The program's tiles: rows of its output tile, columns of this step's chunk (one tap, BLOCK_K channels).
+    bm, bn, bk = block
+    chunks = -(-C // bk)
+    tap, c0 = divmod(step, chunks)
+    rows = slice(tile[0] * bm, min(tile[0] * bm + bm, out.shape[0]))
+    cols = slice(tile[1] * bn, min(tile[1] * bn + bn, O))
+    red = slice(tap * C + c0 * bk, tap * C + min(c0 * bk + bk, C))
+    bank_tiles = bank.permute(0, 3, 4, 2, 1).reshape(K, k * k * C, O)[:, red, cols]
+    assert torch.equal(torch.einsum("j,j...->...", pi[b], bank_tiles), W[red, cols])  # the mix of the K tiles
+    expected: Labels = [("$A_b$", tuple(A.shape)), ("$A_b$", tuple(A[rows, red].shape)),
+                        ("$W_b$", tuple(W.shape)), ("$W_b$", tuple(W[red, cols].shape)),
+                        ("out_b", tuple(out.shape)), ("out_b", tuple(out[rows, cols].shape)),
+                        ("bank", tuple(bank_tiles.shape))]
+    assert sorted(labelled_shapes(fig)) == sorted(expected)
+    # Each highlighted tile covers exactly its cells of the matrix it belongs to.
+    for matrix, gid, (r, c) in [("A", "A tile", (rows, red)), ("W", "W tile", (red, cols)),
+                                ("out", "out tile", (rows, cols))]:
+        m, t = patch(fig, matrix), patch(fig, gid)
+        assert (t.get_x() - m.get_x(), t.get_y() - m.get_y()) == (c.start, r.start), gid
+        assert (t.get_width(), t.get_height()) == (c.stop - c.start, r.stop - r.start), gid
+    assert (patch(fig, "A").get_height(), patch(fig, "A").get_width()) == tuple(A.shape)
+    assert len([p for p in fig.axes[0].patches if p.get_gid() == "bank tile"]) == K
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bank": (5, 6, 2, 3, 3)}, r"draws one group \(g = 1\): bank \(5, 6, 2, 3, 3\) must have C/g = C = 4"),
+    ({"tile": (4, 0)}, r"tile must be in \[0, 4\) x \[0, 2\)"),
+    ({"step": 9}, r"step must be in \[0, 9\) \(9 taps x 1 channel chunks\), got 9"),
+    ({"sample": 2}, r"sample must be in \[0, 2\), got 2"),
+])
+def test_implicit_gemm_rejects_bad_arguments(change: Dict[str, object], message: str) -> None:
+    x, pi = torch.randn(2, 4, 9, 9), torch.randn(2, 5)
+    bank = torch.randn(*change.pop("bank", (5, 6, 4, 3, 3)))  # type: ignore[misc]
+    with pytest.raises(ValueError, match=message):
+        draw_implicit_gemm(x, bank, pi, **change)  # type: ignore[arg-type]

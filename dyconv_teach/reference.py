@@ -18,7 +18,7 @@ from typing_extensions import Unpack
 
 from ._utils import Conv2dOptions, IntPair, Padding
 
-__all__ = ["per_sample_conv2d", "kernel_sum_conv2d", "naive_conv2d", "seed_dynamic_conv2d"]
+__all__ = ["per_sample_conv2d", "kernel_sum_conv2d", "naive_conv2d", "blog_dynamic_conv2d"]
 
 
 def per_sample_conv2d(
@@ -56,7 +56,7 @@ def naive_conv2d(
     return F.conv2d(x, aggregate, aggregate_bias, **conv)  # type: ignore[arg-type]
 
 
-def seed_dynamic_conv2d(
+def blog_dynamic_conv2d(
     x: Tensor,
     weight: Tensor,
     attention: Tensor,

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ._utils import output_size
-from .reference import naive_conv2d, per_sample_conv2d, seed_dynamic_conv2d
+from .reference import naive_conv2d, per_sample_conv2d, blog_dynamic_conv2d
 from .strategies import batch_as_groups_forward
 
 __all__ = [
@@ -263,7 +263,7 @@ def batch_kernel_shapes(
     blog_output: Optional[Shape] = None
     with record_conv2d_calls() as blog:
         try:
-            blog_output = tuple(seed_dynamic_conv2d(x, bank, pi, groups=g).shape)
+            blog_output = tuple(blog_dynamic_conv2d(x, bank, pi, groups=g).shape)
         except RuntimeError as exc:
             blog_error = str(exc)
 

@@ -110,7 +110,7 @@ def compiles_over_batches(net: nn.Module, batches: tuple, **compile_kwargs: Any)
 @pytest.mark.parametrize("dynamic", [None, True])
 def test_compile_needs_no_more_graphs_than_conv2d(dynamic: Any) -> None:
     """Batch sizes 2..16: as many compilations as the same model with nn.Conv2d (whose
-    own fake convolution guards on B <= 15), where the seed of this book needed one per B."""
+    own fake convolution guards on B <= 15), where the first edition of this layer needed one per B."""
     batches = (2, 3, 4, 5, 8, 16)
     ours = compiles_over_batches(model(DynamicConv2d), batches, dynamic=dynamic)
     theirs = compiles_over_batches(model(nn.Conv2d), batches, dynamic=dynamic)

@@ -1,4 +1,4 @@
-"""Tests of :mod:`dyconv_teach.reference`: the seed's forward is right for B = 1 and
+"""Tests of :mod:`dyconv_teach.reference`: the blog's forward is right for B = 1 and
 fails for B > 1 with torch's own error; the naive 5-D weight fails too."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dyconv_teach.reference import kernel_sum_conv2d, naive_conv2d, per_sample_conv2d, seed_dynamic_conv2d
+from dyconv_teach.reference import kernel_sum_conv2d, naive_conv2d, per_sample_conv2d, blog_dynamic_conv2d
 
 
 def make_tensors(B: int, groups: int, has_bias: bool, seed: int = 0) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
@@ -37,25 +37,25 @@ def test_the_two_references_agree(groups: int, has_bias: bool) -> None:
 
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("has_bias", [True, False])
-def test_seed_is_right_for_a_batch_of_one(groups: int, has_bias: bool) -> None:
+def test_blog_is_right_for_a_batch_of_one(groups: int, has_bias: bool) -> None:
     x, weight, attention, bias = make_tensors(1, groups, has_bias)
-    out = seed_dynamic_conv2d(x, weight, attention, bias, padding=1, groups=groups)
+    out = blog_dynamic_conv2d(x, weight, attention, bias, padding=1, groups=groups)
     torch.testing.assert_close(out, per_sample_conv2d(x, weight, attention, bias, padding=1, groups=groups))
 
 
 @pytest.mark.parametrize("B", [2, 3])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("has_bias", [True, False])
-def test_seed_fails_for_a_larger_batch_with_torchs_error(B: int, groups: int, has_bias: bool) -> None:
+def test_blog_fails_for_a_larger_batch_with_torchs_error(B: int, groups: int, has_bias: bool) -> None:
     x, weight, attention, bias = make_tensors(B, groups, has_bias)
     # torch's own message from F.conv2d, not one of ours (ours are ValueError/TypeError).
     with pytest.raises(RuntimeError, match=r"^Given groups=\d+, "):
-        seed_dynamic_conv2d(x, weight, attention, bias, padding=1, groups=groups)
+        blog_dynamic_conv2d(x, weight, attention, bias, padding=1, groups=groups)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_seed_with_the_corrected_view_is_right_for_any_batch(groups: int) -> None:
-    """The seed's lines with ``.view(out_planes, -1, k, k)`` replaced by ``.view(-1, in_planes // groups, k, k)``."""
+def test_blog_with_the_corrected_view_is_right_for_any_batch(groups: int) -> None:
+    """The blog's lines with ``.view(out_planes, -1, k, k)`` replaced by ``.view(-1, in_planes // groups, k, k)``."""
     x, weight, attention, bias = make_tensors(3, groups, True)
     K, out_planes, kernel_size = weight.shape[0], weight.shape[1], weight.shape[-1]
     batch_size, in_planes, height, width = x.size()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dyconv_teach.reference import per_sample_conv2d, seed_dynamic_conv2d
+from dyconv_teach.reference import per_sample_conv2d, blog_dynamic_conv2d
 from dyconv_teach.shapes import (
     EXAMPLE,
     batch_kernel_shapes,
@@ -121,7 +121,7 @@ def test_batch_kernel_shapes(B: int, K: int, g: int) -> None:
         assert (r.blog_error, r.blog_output) == (None, (1, O, H - 2, H - 2))
     else:
         assert r.blog_output is None
-        assert r.blog_error == torch_error(seed_dynamic_conv2d, x, bank, pi, groups=g)
+        assert r.blog_error == torch_error(blog_dynamic_conv2d, x, bank, pi, groups=g)
     # The trick: one grouped call on the folded batch, equal to the per-sample loop.
     assert (r.trick_call.input, r.trick_call.weight) == ((1, B * C, H, H), (B * O, C // g, k, k))
     assert r.trick_call.groups == B * g

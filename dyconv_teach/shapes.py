@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ._utils import output_size
-from .reference import naive_conv2d, per_sample_conv2d, blog_dynamic_conv2d
+from .reference import blog_dynamic_conv2d, naive_conv2d, per_sample_conv2d
 from .strategies import batch_as_groups_forward
 
 __all__ = [

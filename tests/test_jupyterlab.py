@@ -138,12 +138,6 @@ def lab() -> Iterator[str]:
             log.close()
 
 
-def shown_markdown(chapter: str) -> int:
-    """How many markdown cells a reader sees rendered (a folded cell is rendered when opened)."""
-    return sum(c["cell_type"] == "markdown" and not c["metadata"].get("jupyter", {}).get("source_hidden")
-               for c in cells(chapter))
-
-
 def open_chapter(browser: Any, lab: str, chapter: str) -> Tuple[Any, Any]:
     """Open a chapter as a new reader does; return the page and its notebook's cells, all rendered."""
     page = browser.new_page(viewport={"width": 1280, "height": 1000})

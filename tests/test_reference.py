@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dyconv_teach.reference import kernel_sum_conv2d, naive_conv2d, per_sample_conv2d, blog_dynamic_conv2d
+from dyconv_teach.reference import blog_dynamic_conv2d, kernel_sum_conv2d, naive_conv2d, per_sample_conv2d
 
 
 def make_tensors(B: int, groups: int, has_bias: bool, seed: int = 0) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dyconv_teach.reference import per_sample_conv2d, blog_dynamic_conv2d
+from dyconv_teach.reference import blog_dynamic_conv2d, per_sample_conv2d
 from dyconv_teach.shapes import (
     EXAMPLE,
     batch_kernel_shapes,

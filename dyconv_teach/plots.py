@@ -65,7 +65,8 @@ def drawn_shapes(fig: Figure) -> List[Tuple[Optional[str], Shape]]:
     ``name`` is the label's gid: :func:`draw_dynamic_convolution` names its labels
     ``x, avgpool, fc1, relu, logits, pi, bank, kernel, mix, y``; :func:`draw_channel_layouts`
     names them ``x, blog, correct`` and ``why`` (the sentence under the blog's weight,
-    which names two shapes). A label without a gid gives ``None``.
+    which names two shapes); :func:`draw_implicit_gemm` names them ``A, W, out, bank``
+    (each matrix's label also gives its tile's shape). A label without a gid gives ``None``.
     """
     found: List[Tuple[Optional[str], Shape]] = []
     for ax in fig.axes:
@@ -458,16 +459,17 @@ def draw_implicit_gemm(
                 va="bottom", fontsize=9)
     ax.text(1.0, y_bank + size * tile_h + 1.0,
             f"bank tiles {shape_text(tuple(bank_tiles.shape))}\nmixed in registers:\n"
-            f"$\\Sigma_j\\,\\pi_{{b,j}}\\,\\Theta_j$: K = {K} FMAs\nper weight", va="top", fontsize=9.5)
+            f"$\\Sigma_j\\,\\pi_{{b,j}}\\,\\Theta_j$: K = {K} FMAs\nper weight", va="top", fontsize=9.5, gid="bank")
     _arrow(ax, (xs[-1] + size * tile_w + 0.3, y_bank + size * tile_h / 2), (x_w - 0.3, top + red.start + tile_h / 2))
 
     ax.text(left, y_a + P + 1.5, f"$A_b$ = im2col(x[b]) {shape_text(tuple(A.shape))}, never built:\n"
-            f"A tile {shape_text(tuple(a_tile.shape))} loaded from x", va="top", fontsize=10.5)
+            f"A tile {shape_text(tuple(a_tile.shape))} loaded from x", va="top", fontsize=10.5, gid="A")
     ax.text(x_w + O + 1.0, top + R / 2,
             f"$W_b$ = $\\Sigma_j\\,\\pi_{{b,j}}\\,\\Theta_j$\n{shape_text(tuple(Wb.shape))}\n"
-            f"W tile {shape_text(tuple(w_tile.shape))}\nnever stored", va="center", fontsize=10.5)
+            f"W tile {shape_text(tuple(w_tile.shape))}\nnever stored", va="center", fontsize=10.5, gid="W")
     ax.text(x_w + O + 1.0, y_a + P / 2, f"out_b {shape_text(tuple(out.shape))}\n"
-            f"output tile\n{shape_text(tuple(out_tile.shape))}\n+= A tile\n   @ W tile", va="center", fontsize=10.5)
+            f"output tile\n{shape_text(tuple(out_tile.shape))}\n+= A tile\n   @ W tile", va="center", fontsize=10.5,
+            gid="out")
     ax.text(left, y_a - 1.0, f"rows: output pixels p = (oh, ow)\ncolumns: r = (kh, kw, c), "
             f"{kH * kW} taps", va="bottom", fontsize=9.5)
     ax.set_title(f"out_b = $A_b$ @ $W_b$ for sample b = {sample}\nprogram ({tile[0]}, {tile[1]}), "

@@ -225,9 +225,9 @@ def test_implicit_gemm_draws_the_real_product(B: int, C: int, O: int, K: int, k:
     red = slice(tap * C + c0 * bk, tap * C + min(c0 * bk + bk, C))
     bank_tiles = bank.permute(0, 3, 4, 2, 1).reshape(K, k * k * C, O)[:, red, cols]
     assert torch.equal(torch.einsum("j,j...->...", pi[b], bank_tiles), W[red, cols])  # the mix of the K tiles
-    expected: Labels = [("$A_b$", tuple(A.shape)), ("$A_b$", tuple(A[rows, red].shape)),
-                        ("$W_b$", tuple(W.shape)), ("$W_b$", tuple(W[red, cols].shape)),
-                        ("out_b", tuple(out.shape)), ("out_b", tuple(out[rows, cols].shape)),
+    expected: Labels = [("A", tuple(A.shape)), ("A", tuple(A[rows, red].shape)),
+                        ("W", tuple(W.shape)), ("W", tuple(W[red, cols].shape)),
+                        ("out", tuple(out.shape)), ("out", tuple(out[rows, cols].shape)),
                         ("bank", tuple(bank_tiles.shape))]
     assert sorted(labelled_shapes(fig)) == sorted(expected)
     # Each highlighted tile covers exactly its cells of the matrix it belongs to.

@@ -218,3 +218,22 @@ def test_outputs_are_not_cut_off(browser: Any, base_url: str, width: int) -> Non
         page.close()
     assert errors_seen, "no error output found on any chapter: is ERROR_LINE still right?"
     assert not problems, "\n".join(problems)
+
+
+def test_code_fits_a_desktop_page(browser: Any, base_url: str) -> None:
+    """At 1280 px no code cell of the text scrolls sideways: the chapters keep their code
+    within 79 columns and the book's CSS sizes code so that 79 columns fit. (A solution's
+    code sits in a narrower box, inside the unfolded solution, and may scroll.)"""
+    problems: List[str] = []
+    for path in CHAPTER_PAGES:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{base_url}/{path}", wait_until="networkidle")
+        boxes = page.evaluate("""() => Array.from(document.querySelectorAll("div.cell_input pre"))
+            .filter(el => !el.closest(".admonition"))
+            .map(el => [el.textContent, el.scrollWidth, el.clientWidth])""")
+        assert boxes, f"{path}: no code cells found"
+        problems += [f"{path}: {text.strip().splitlines()[0][:50]!r} is {wide} px in a {box} px box"
+                     for text, wide, box in boxes if wide > box]
+        page.close()
+    assert not problems, "\n".join(problems)
+

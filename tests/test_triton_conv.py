@@ -118,7 +118,7 @@ def test_half_precision_matches_per_sample_loop(dtype: torch.dtype) -> None:
     x, w, a, b = _inputs(case, torch.float64)
     low = [t.detach().to(dtype) for t in (x, w, a, b)]
     out = tc.fused_forward(*low, *_conv_args(case))
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
     grads = tc.fused_backward(grad_out.to(dtype), *low, *_conv_args(case), (True, True, True, True))
     # Reference in float64 from the same rounded inputs.
     x64, w64, a64, b64 = (t.double().requires_grad_() for t in low)

@@ -49,8 +49,9 @@ _SHAPE = re.compile(r"\[(\d+(?:, \d+)*)\]")
 MAX_DRAWN_SAMPLES = 4
 
 
-def _sample_color(b: int) -> Any:
-    return plt.get_cmap("tab10")(b % 10)
+def _color(i: int) -> Any:
+    """The ``i``-th color of the figures' palette: of a sample, or of a group."""
+    return plt.get_cmap("tab10")(i % 10)
 
 
 def _close(fig: Figure) -> Figure:
@@ -188,7 +189,7 @@ def _cells(ax: Axes, x0: float, y0: float, owner: Tensor, text: Sequence[Sequenc
     rows, cols = owner.shape
     for r in range(rows):
         for c in range(cols):
-            ax.add_patch(Rectangle((x0 + c, y0 - r - 1), 1, 1, facecolor=_sample_color(int(owner[r, c])),
+            ax.add_patch(Rectangle((x0 + c, y0 - r - 1), 1, 1, facecolor=_color(int(owner[r, c])),
                                    alpha=0.55, edgecolor="white", lw=1.5))
             ax.text(x0 + c + 0.5, y0 - r - 0.5, text[r][c], ha="center", va="center", fontsize=9)
 
@@ -244,7 +245,7 @@ def draw_channel_layouts(B: int, C: int, O: int, g: int = 1, k: int = 3, H: int 
     ax.text(0, top - blog.shape[0] - 0.4, why, fontsize=9, va="top", gid="why")
     for b in range(B):
         y = top - rows + 0.7 * (B - b) - 0.6
-        ax.add_patch(Rectangle((0, y), 0.8, 0.5, facecolor=_sample_color(b), alpha=0.55))
+        ax.add_patch(Rectangle((0, y), 0.8, 0.5, facecolor=_color(b), alpha=0.55))
         ax.text(1.0, y + 0.25, f"sample b={b}", fontsize=9, va="center")
     x_ok = blog.shape[1] + gap
     _cells(ax, x_ok, top, *owners(correct))
@@ -319,7 +320,7 @@ def draw_group_wiring(C: int, O: int, g: int) -> Figure:
     _check_divides(g, C=C, O=O)
     width = float(max(C, O))
     fig, ax = plt.subplots(figsize=(1.6 + 0.45 * width, 2.2))
-    colors = [plt.get_cmap("tab10")(i % 10) for i in range(g)]
+    colors = [_color(i) for i in range(g)]
     labels = [f"group {i}" if width / g >= 2 else str(i) for i in range(g)]
     _wire_groups(ax, C, O, g, colors, 0.0, width, labels)
     ax.set_title(f"g={g}: each filter [C/g, k, k] reads {C // g} of the {C} input channels", fontsize=10)
@@ -347,13 +348,14 @@ def draw_batch_as_groups(B: int, C: int, O: int, g: int = 1) -> Figure:
     for slot, b in enumerate(drawn):
         x0 = slot * block
         if b is None:
-            hidden = f"b = {MAX_DRAWN_SAMPLES - 2}..{B - 2}" if B - 2 > MAX_DRAWN_SAMPLES - 2 else f"b = {B - 2}"
+            hidden = f"b = {MAX_DRAWN_SAMPLES - 2}..{B - 2}"  # B > MAX_DRAWN_SAMPLES: two or more samples
             ax.text(x0 + block / 2, 0.5, f"...\n{hidden}\nnot drawn\n...", ha="center", va="center", fontsize=9)
             continue
+        color = _color(b)
         labels = [f"$\\tilde{{\\Theta}}_{{{b}}}$" + (f" #{i}" if g > 1 else "") for i in range(g)]
-        _wire_groups(ax, C, O, g, [_sample_color(b)] * g, x0, block, labels)
-        ax.text(x0 + block / 2, 1.22, f"sample b={b}", ha="center", va="center", fontsize=9, color=_sample_color(b))
-        ax.text(x0 + block / 2, -0.22, f"out[{b}]", ha="center", va="center", fontsize=9, color=_sample_color(b))
+        _wire_groups(ax, C, O, g, [color] * g, x0, block, labels)
+        ax.text(x0 + block / 2, 1.22, f"sample b={b}", ha="center", va="center", fontsize=9, color=color)
+        ax.text(x0 + block / 2, -0.22, f"out[{b}]", ha="center", va="center", fontsize=9, color=color)
     ax.set_title(f"groups = B*g = {B * g}: sample b meets only its own kernels;\n"
                  f"the output [1, B*O, H', W'] is viewed back to [B={B}, O={O}, H', W']", fontsize=10)
     return _finish(fig, ax, width, f"x.reshape(1, B*C={B * C}, H, W)", f"[1, B*O={B * O}, H', W']")
@@ -410,10 +412,9 @@ def draw_implicit_gemm(
     # A_b from F.unfold, reordered from its columns (c, kh, kw) to the kernel's (kh, kw, c).
     columns = F.unfold(x[sample : sample + 1], (kH, kW), padding=padding)[0]  # [C*kH*kW, H'W']
     A = columns.reshape(C, kH * kW, -1).permute(2, 1, 0).reshape(-1, kH * kW * C)
-    mixed = torch.einsum("j,j...->...", pi[sample], bank)  # [O, C, kH, kW]
-    Wb = mixed.permute(2, 3, 1, 0).reshape(kH * kW * C, O)
+    bank_rows = bank.permute(0, 3, 4, 2, 1).reshape(K, kH * kW * C, O)  # the K kernels in A's column order r
+    Wb = torch.einsum("j,j...->...", pi[sample], bank_rows)  # sum_j pi[b, j] Theta_j, rows r
     out = A @ Wb
-    bank_rows = bank.permute(0, 3, 4, 2, 1).reshape(K, kH * kW * C, O)  # the K tiles' source, rows r
     P, R = A.shape
     c_chunks = -(-C // bk)
     m_tiles, n_tiles, steps = -(-P // bm), -(-O // bn), kH * kW * c_chunks

@@ -8,7 +8,7 @@ torch gets to raise its own.
 from __future__ import annotations
 
 import operator
-from typing import Optional, Protocol, Tuple, TypedDict, Union
+from typing import Optional, Protocol, Sequence, Tuple, TypedDict, Union
 
 import torch
 from torch import Tensor
@@ -122,6 +122,30 @@ def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation
     """One output dimension of a convolution, the formula of the ``nn.Conv2d`` docstring:
     ``floor((size + 2*padding - dilation*(kernel_size - 1) - 1) / stride + 1)``."""
     return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+def output_hw(
+    x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> Tuple[int, int]:
+    """``(H', W')`` of ``x`` ``[B, C, H, W]`` convolved with a bank ``[K, O, C/g, kH, kW]``
+    (symbolic sizes stay symbolic: nothing is checked)."""
+    return (
+        output_size(x.shape[2], weight.shape[3], stride[0], padding[0], dilation[0]),
+        output_size(x.shape[3], weight.shape[4], stride[1], padding[1], dilation[1]),
+    )
+
+
+def check_output_hw(
+    x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> Tuple[int, int]:
+    """:func:`output_hw`, with a clear error where the kernel does not fit the padded input."""
+    hw = output_hw(x, weight, stride, padding, dilation)
+    if min(hw) < 1:
+        raise ValueError(
+            f"output size (H', W') = {hw} < 1: the kernel {tuple(weight.shape[3:])} with dilation={tuple(dilation)} "
+            f"does not fit the input {tuple(x.shape[2:])} padded by {tuple(padding)}"
+        )
+    return hw
 
 
 # The device types torch.autocast knows. (torch.amp.is_autocast_available would say, but

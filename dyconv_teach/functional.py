@@ -31,8 +31,9 @@ from ._utils import (
     Padding,
     autocast_dtype,
     check_conv_args,
+    check_output_hw,
     check_tensors,
-    output_size,
+    output_hw,
     positive_int,
     same_padding,
 )
@@ -41,15 +42,6 @@ __all__ = ["dynamic_conv2d", "STRATEGY_NAMES"]
 
 #: What the ``strategy`` argument of :func:`dynamic_conv2d` accepts.
 STRATEGY_NAMES: Tuple[str, ...] = ("auto", *strategies.STRATEGIES)
-
-
-def _output_hw(
-    x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
-) -> Tuple[int, int]:
-    return (
-        output_size(x.shape[2], weight.shape[3], stride[0], padding[0], dilation[0]),
-        output_size(x.shape[3], weight.shape[4], stride[1], padding[1], dilation[1]),
-    )
 
 
 def _strategy(name: str, x: Tensor, weight: Tensor, out_hw: Tuple[int, int]) -> strategies.Strategy:
@@ -64,7 +56,7 @@ def _forward(
     x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Sequence[int],
     padding: Sequence[int], dilation: Sequence[int], groups: int, strategy: str,
 ) -> Tuple[Tensor, Tensor]:
-    out_hw = _output_hw(x, weight, stride, padding, dilation)
+    out_hw = output_hw(x, weight, stride, padding, dilation)
     if x.shape[0] == 0:
         return x.new_empty(0, weight.shape[1], *out_hw), x.new_empty(0)
     run = _strategy(strategy, x, weight, out_hw)
@@ -91,7 +83,7 @@ def _op(
 def _(x, weight, attention, bias, stride, padding, dilation, groups, strategy):  # type: ignore[no-untyped-def]
     if not isinstance(x.shape[0], torch.SymInt):  # a concrete batch (meta tensors): run the real code
         return _forward(x, weight, attention, bias, stride, padding, dilation, groups, strategy)
-    out_hw = _output_hw(x, weight, stride, padding, dilation)
+    out_hw = output_hw(x, weight, stride, padding, dilation)
     out = strategies.like_input(x.new_empty(x.shape[0], weight.shape[1], *out_hw), x)
     # Only the operator knows which strategy a symbolic batch will get, so not how much it saves.
     return out, x.new_empty(torch.library.get_ctx().new_dynamic_size())
@@ -254,12 +246,7 @@ def dynamic_conv2d(
         padding_ = (top, left)
     elif padding_ == "valid":
         padding_ = (0, 0)
-    out_hw = _output_hw(x, weight, stride_, padding_, dilation_)  # type: ignore[arg-type]
-    if min(out_hw) < 1:
-        raise ValueError(
-            f"output size (H', W') = {out_hw} < 1: the kernel {tuple(weight.shape[3:])} with dilation={dilation_} "
-            f"does not fit the input {tuple(x.shape[2:])} padded by {padding_}"
-        )
+    check_output_hw(x, weight, stride_, padding_, dilation_)  # type: ignore[arg-type]
     out = _op(x, weight, attention, bias, stride_, padding_, dilation_, groups_, strategy)[0]  # type: ignore[arg-type]
     return out.squeeze(0) if unbatched else out
 

@@ -106,7 +106,7 @@ import triton.testing
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from ._utils import check_conv_args, check_tensors, memory_format, output_size, pair
+from ._utils import check_conv_args, check_output_hw, check_tensors, memory_format, pair
 
 __all__ = ["fused_forward", "fused_backward"]
 
@@ -527,11 +527,7 @@ def _check(
         raise ValueError(f"weight {tuple(weight.shape)} must have every dimension >= 1")
     B, C, H, W = x.shape
     K, O, CG, KH, KW = weight.shape
-    OH, OW = (output_size(size, k, s, p, d) for size, k, s, p, d in zip((H, W), (KH, KW), stride_, padding_,
-                                                                          dilation_))
-    if OH < 1 or OW < 1:
-        raise ValueError(f"output size (H', W') = ({OH}, {OW}) < 1: the kernel ({KH}, {KW}) with "
-                         f"dilation={dilation_} does not fit the input ({H}, {W}) padded by {padding_}")
+    OH, OW = check_output_hw(x, weight, stride_, padding_, dilation_)
     return _Conv(B, C, H, W, K, O, CG, O // groups, KH, KW, OH, OW, stride_, padding_, dilation_, groups)
 
 

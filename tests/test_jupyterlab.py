@@ -10,6 +10,7 @@ The folding of solutions follows the recipe in the README ("Maintaining the book
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -31,7 +32,9 @@ BOOK = Path(os.environ.get("DYCONV_BOOK_DIR", Path(__file__).resolve().parents[1
 CHAPTERS = sorted(p.stem for p in BOOK.glob("[0-9][0-9]_*.ipynb"))
 TOKEN = "dyconv-test-token"
 
+@functools.lru_cache(maxsize=None)
 def cells(chapter: str) -> List[Dict[str, Any]]:
+    """The chapter's cells, read once (callers only read them)."""
     return json.loads((BOOK / f"{chapter}.ipynb").read_text())["cells"]
 
 
@@ -160,23 +163,6 @@ def open_chapter(browser: Any, lab: str, chapter: str) -> Tuple[Any, Any]:
     return page, notebook.locator(".jp-Cell")
 
 
-@pytest.mark.parametrize("chapter", CHAPTERS)
-def test_myst_renders(browser: Any, lab: str, chapter: str) -> None:
-    page, cell_list = open_chapter(browser, lab, chapter)
-    # jupyterlab-myst renders a markdown cell into div.myst (JupyterLab's own renderer would not).
-    markdown = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-MarkdownCell .myst")
-    n_markdown = shown_markdown(chapter)
-    assert markdown.count() == n_markdown, f"{chapter}: {markdown.count()} of {n_markdown} cells rendered by MyST"
-    text = "\n".join(markdown.all_inner_texts())
-    for raw in ("{doc}", "{ref}", "{cite}", "{term}", ":label:", ":class:", "```", "{exercise}", "{solution"):
-        assert raw not in text, f"{chapter} shows raw MyST {raw!r}"
-    n_exercises = sum(source(c).startswith("```{exercise}") for c in cells(chapter))
-    assert len(re.findall(r"^Exercise \d+", text, re.M)) == n_exercises, f"{chapter}: exercises not rendered"
-    if "$" in "".join(source(c) for c in cells(chapter) if c["cell_type"] == "markdown"):
-        assert markdown.locator(".katex").count() > 0, f"{chapter}: no rendered math"
-    page.close()
-
-
 def assert_solutions_folded(chapter: str, cell_list: Any, outputs: bool = True) -> None:
     """No solution's code, output (if ``outputs``) or prose is visible."""
     for i in solution_cells(chapter):
@@ -192,11 +178,21 @@ def assert_solutions_folded(chapter: str, cell_list: Any, outputs: bool = True) 
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_solutions_hidden_until_opened(browser: Any, lab: str, chapter: str) -> None:
+def test_myst_renders_and_solutions_stay_hidden_until_opened(browser: Any, lab: str, chapter: str) -> None:
     page, cell_list = open_chapter(browser, lab, chapter)
-    assert solution_cells(chapter), f"{chapter} has no solutions"
+    # jupyterlab-myst renders a markdown cell into div.myst (JupyterLab's own renderer would not).
+    markdown = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-MarkdownCell .myst")
+    n_markdown = shown_markdown(chapter)
+    assert markdown.count() == n_markdown, f"{chapter}: {markdown.count()} of {n_markdown} cells rendered by MyST"
+    text = "\n".join(markdown.all_inner_texts())
+    for raw in ("{doc}", "{ref}", "{cite}", "{term}", ":label:", ":class:", "```", "{exercise}", "{solution"):
+        assert raw not in text, f"{chapter} shows raw MyST {raw!r}"
+    n_exercises = sum(source(c).startswith("```{exercise}") for c in cells(chapter))
+    assert len(re.findall(r"^Exercise \d+", text, re.M)) == n_exercises, f"{chapter}: exercises not rendered"
+    if "$" in "".join(source(c) for c in cells(chapter) if c["cell_type"] == "markdown"):
+        assert markdown.locator(".katex").count() > 0, f"{chapter}: no rendered math"
+    # No solution is visible until the reader opens it; a click opens a folded cell.
     assert_solutions_folded(chapter, cell_list)
-    # A click opens a folded cell.
     first = cell_list.nth(next(i for i in solution_cells(chapter) if cells(chapter)[i]["cell_type"] == "code"))
     first.locator(".jp-InputPlaceholder").click()
     page.wait_for_timeout(300)
@@ -221,7 +217,7 @@ def run_all(page: Any) -> None:
 
 @pytest.mark.parametrize("chapter", [c for c in CHAPTERS if explorer_kinds(c)])
 def test_explorers_say_they_are_not_live_then_come_alive(browser: Any, lab: str, chapter: str) -> None:
-    page, _ = open_chapter(browser, lab, chapter)
+    page, cell_list = open_chapter(browser, lab, chapter)
     kinds = explorer_kinds(chapter)
     # Fresh and untrusted: the stored fallbacks, their notice shown, their menus disabled. (JupyterLab's
     # sanitizer drops the data-* attributes, scripts and styles of an untrusted output; classes stay.)
@@ -234,8 +230,7 @@ def test_explorers_say_they_are_not_live_then_come_alive(browser: Any, lab: str,
         assert fallback.locator("select:disabled").count() == fallback.locator("select").count() > 0
     run_all(page)
     # JupyterLab shows the output of every cell it runs, but the code and the prose stay folded.
-    assert_solutions_folded(chapter, page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell"),
-                            outputs=False)
+    assert_solutions_folded(chapter, cell_list, outputs=False)
     # Live: one widget per explorer, no notice; one slider move changes what the explorer shows.
     widgets = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output .widget-vbox")
     page.wait_for_function("() => document.querySelectorAll('.widget-vbox .widget-slider').length > 0")

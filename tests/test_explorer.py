@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import configparser
 import html
 import json
 import re
+from pathlib import Path
 from typing import Dict
 
 import ipywidgets
 import pytest
 
 from dyconv_teach import explorer
-from dyconv_teach.explorer import NOT_LIVE, Control, Explorer, caption, error, formula, ok, table
+from dyconv_teach.explorer import (
+    DATA_PATTERN,
+    NOT_LIVE,
+    STORED_DATA,
+    Control,
+    Explorer,
+    caption,
+    error,
+    formula,
+    ok,
+    table,
+)
 from dyconv_teach.plots import draw_group_wiring
+from dyconv_teach.widgets import grouped_conv_explorer
 
 
 def render(a: int, b: int) -> Dict[str, str]:
@@ -28,10 +42,15 @@ def toy() -> Explorer:
                     {"result": caption("Result")}, fixed={"c": 7})
 
 
-def data_of(fallback: str) -> Dict:
+def data_block(fallback: str) -> str:
+    """The text of the fallback's data block (the results of every setting, as JSON)."""
     match = re.search(r'<script type="application/json" class="dyconv-data">(.*?)</script>', fallback, re.S)
     assert match, "the fallback holds no data block"
-    return json.loads(match.group(1))
+    return match.group(1)
+
+
+def data_of(fallback: str) -> Dict:
+    return json.loads(data_block(fallback))
 
 
 def test_bundle_has_widget_view_html_and_text() -> None:
@@ -73,7 +92,7 @@ def test_fallback_is_deterministic_and_offline() -> None:
     text = toy().to_html()
     assert toy().to_html() == text
     assert re.search(r"<script[^>]*\ssrc\s*=", text) is None and "<link" not in text and "http" not in text
-    assert "</" not in re.search(r'class="dyconv-data">(.*?)</script>', text, re.S).group(1)
+    assert "</" not in data_block(text)
 
 
 def test_error_fragment_holds_message_and_sentence() -> None:
@@ -135,20 +154,13 @@ def test_stored_notebooks_keep_the_default_view_and_nbval_masks_the_results() ->
     """tools/execute_notebooks.py replaces the results of every setting by STORED_DATA; the
     notebook still shows the default result and the notice, and nbval's sanitizer
     (tests/nbval_sanitize.cfg) masks a fresh run's results the same way, so they compare equal."""
-    import configparser
-    import re
-    from pathlib import Path
-
-    from dyconv_teach.explorer import DATA_PATTERN, STORED_DATA
-    from dyconv_teach.widgets import grouped_conv_explorer
-
     cfg = configparser.ConfigParser(interpolation=None)
     cfg.read(Path(__file__).with_name("nbval_sanitize.cfg"))
     assert cfg["explorer results"]["regex"] == DATA_PATTERN
     assert cfg["explorer results"]["replace"] == STORED_DATA
-    explorer = grouped_conv_explorer()
-    fresh = explorer.to_html()
+    grouped = grouped_conv_explorer()
+    fresh = grouped.to_html()
     stored = re.sub(DATA_PATTERN, STORED_DATA, fresh)
     assert len(stored) < len(fresh) / 5 and '"table"' not in stored
-    assert "Not live" in stored and explorer.render(**explorer.defaults())["shapes"] in stored
+    assert "Not live" in stored and grouped.render(**grouped.defaults())["shapes"] in stored
     assert re.sub(DATA_PATTERN, STORED_DATA, stored) == stored  # masking a stored output changes nothing

@@ -273,8 +273,10 @@ def test_bad_constructor_arguments_raise(change: dict[str, Any], message: str) -
 BAD_INPUTS = [
     (randn(4, 6), ValueError, r"expects \[B, C, H, W\] or \[C, H, W\] input, got shape \(4, 6\)"),
     (randn(2, 3, 6, 6), ValueError, r"expects in_channels=4, got input of shape \(2, 3, 6, 6\)"),
-    (randn(2, 4, 6, 6, dtype=torch.float64), TypeError, r"input is torch.float64 on cpu but the layer is torch.float3"),
-    (torch.ones(2, 4, 6, 6, dtype=torch.int64), TypeError, r"input is torch.int64 on cpu but the layer is torch.f"),
+    (randn(2, 4, 6, 6, dtype=torch.float64), TypeError,
+     r"input is torch.float64 on cpu but the layer is torch.float32 on cpu"),
+    (torch.ones(2, 4, 6, 6, dtype=torch.int64), TypeError,
+     r"input is torch.int64 on cpu but the layer is torch.float32 on cpu"),
 ]
 
 

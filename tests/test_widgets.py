@@ -6,7 +6,7 @@ import html
 import itertools
 import json
 import re
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 
@@ -40,11 +40,7 @@ def errors(fragments: Dict[str, str]) -> List[Tuple[str, str, str, str]]:
     return found  # type: ignore[return-value]
 
 
-@pytest.fixture(params=sorted(EXPLORERS))
-def kind(request: Any) -> str:
-    return request.param
-
-
+@pytest.mark.parametrize("kind", sorted(EXPLORERS))
 def test_fallback_holds_the_grid_and_reads_without_script(kind: str) -> None:
     explorer = EXPLORERS[kind]()
     text = explorer._repr_mimebundle_()["text/html"]

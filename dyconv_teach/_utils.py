@@ -1,41 +1,55 @@
-"""Argument types and validators shared by the core, the layer and the benchmark.
+"""Argument types and validators shared by the core, the layers and the benchmark.
 
 Private, like ``torch.nn.modules.utils``: the public API checks its arguments
 with these, so every error names the bad value and what was expected before
-torch gets to raise its own.
+torch gets to raise its own. Everything here works for 1, 2 and 3 spatial
+dimensions (``dims``), as torch's ``_ConvNd`` does.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Optional, Protocol, Sequence, Tuple, TypedDict, Union
+from typing import Dict, Optional, Protocol, Sequence, Tuple, TypedDict, Union
 
 import torch
 from torch import Tensor
-from torch._prims_common import suggest_memory_format
 from typing_extensions import Unpack
 
-IntPair = Union[int, Tuple[int, int]]
-Padding = Union[str, int, Tuple[int, int]]
+IntOrTuple = Union[int, Tuple[int, ...]]
+Padding = Union[str, int, Tuple[int, ...]]
+
+#: The names of the spatial axes of an input with 1, 2 or 3 spatial dimensions, as the
+#: docstrings of ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` name them.
+SPATIAL: Dict[int, Tuple[str, ...]] = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
 
-class Conv2dOptions(TypedDict, total=False):
-    """The keyword arguments that every dynamic convolution shares with ``F.conv2d``."""
+class ConvOptions(TypedDict, total=False):
+    """The keyword arguments that every dynamic convolution shares with ``F.conv1d/2d/3d``."""
 
-    stride: IntPair
+    stride: IntOrTuple
     padding: Padding
-    dilation: IntPair
+    dilation: IntOrTuple
     groups: int
 
 
-class DynamicConv2dFn(Protocol):
+class DynamicConvFn(Protocol):
     """A function computing dynamic convolution with the arguments of
     :func:`dyconv_teach.functional.dynamic_conv2d` (the core, the references, the
-    benchmark's baselines)."""
+    benchmark's baselines and peers)."""
 
     def __call__(
-        self, x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[Conv2dOptions]
+        self, x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[ConvOptions]
     ) -> Tensor: ...
+
+
+def input_text(dims: int, batched: bool = True) -> str:
+    """``"[B, C, H, W]"`` for ``dims = 2`` (``"[C, H, W]"`` unbatched)."""
+    return "[" + ", ".join((("B",) if batched else ()) + ("C",) + SPATIAL[dims]) + "]"
+
+
+def bank_text(dims: int) -> str:
+    """``"[K, O, C/groups, kH, kW]"`` for ``dims = 2``: the shape of a kernel bank."""
+    return "[" + ", ".join(("K", "O", "C/groups") + tuple("k" + s for s in SPATIAL[dims])) + "]"
 
 
 def as_int(name: str, value: object) -> int:
@@ -60,32 +74,37 @@ def positive_int(name: str, value: object) -> int:
     return result
 
 
-def pair(name: str, value: object, minimum: int) -> Tuple[int, int]:
-    """An int-or-pair argument as a pair of ints, each >= ``minimum``."""
-    items = list(value) if isinstance(value, (tuple, list)) else [value, value]
+_N_INTS = {1: "a tuple of one int", 2: "a pair of ints", 3: "a triple of ints"}
+
+
+def ntuple(name: str, value: object, dims: int, minimum: int) -> Tuple[int, ...]:
+    """An int-or-tuple argument as a tuple of ``dims`` ints, each >= ``minimum``
+    (``torch.nn.modules.utils._ntuple``, with errors that name the value)."""
+    items = list(value) if isinstance(value, (tuple, list)) else [value] * dims
     try:
-        if len(items) != 2:
+        if len(items) != dims:
             raise ValueError
-        result = (as_int(name, items[0]), as_int(name, items[1]))
+        result = tuple(as_int(name, item) for item in items)
     except ValueError:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+        raise ValueError(f"{name} must be an int or {_N_INTS[dims]}, got {value!r}") from None
     if min(result) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return result
 
 
 def check_conv_args(
+    dims: int,
     in_channels: int,
     out_channels: int,
     groups: object,
     stride: object,
     padding: object,
     dilation: object,
-) -> Tuple[Tuple[int, int], Union[str, Tuple[int, int]], Tuple[int, int]]:
-    """Validate the hyper-parameters shared by the functional core and the layer.
+) -> Tuple[Tuple[int, ...], Union[str, Tuple[int, ...]], Tuple[int, ...]]:
+    """Validate the hyper-parameters shared by the functional core and the layers.
 
-    Returns ``(stride, padding, dilation)`` normalised to pairs (``padding`` may
-    stay the string ``'same'`` or ``'valid'``).
+    Returns ``(stride, padding, dilation)`` normalised to tuples of ``dims`` ints
+    (``padding`` may stay the string ``'same'`` or ``'valid'``).
     """
     g = positive_int("groups", groups)
     if in_channels % g != 0:
@@ -96,26 +115,31 @@ def check_conv_args(
         raise ValueError(
             f"groups={g} must divide out_channels={out_channels} (each group produces out_channels/groups channels)"
         )
-    stride_ = pair("stride", stride, 1)
-    dilation_ = pair("dilation", dilation, 1)
-    padding_: Union[str, Tuple[int, int]]
+    stride_ = ntuple("stride", stride, dims, 1)
+    dilation_ = ntuple("dilation", dilation, dims, 1)
+    padding_: Union[str, Tuple[int, ...]]
     if isinstance(padding, str):
         if padding not in ("same", "valid"):
-            raise ValueError(f"padding must be 'same', 'valid', an int or a pair, got {padding!r}")
-        if padding == "same" and stride_ != (1, 1):
-            raise ValueError(f"padding='same' needs stride=1 (as in F.conv2d), got stride={stride!r}")
+            raise ValueError(f"padding must be 'same', 'valid', an int or {_N_INTS[dims]}, got {padding!r}")
+        if padding == "same" and stride_ != (1,) * dims:
+            raise ValueError(f"padding='same' needs stride=1 (as in F.conv{dims}d), got stride={stride!r}")
         padding_ = padding
     else:
-        padding_ = pair("padding", padding, 0)
+        padding_ = ntuple("padding", padding, dims, 0)
     return stride_, padding_, dilation_
 
 
-def same_padding(kernel_size: Tuple[int, int], dilation: Tuple[int, int]) -> Tuple[int, int, int, int]:
-    """``(top, bottom, left, right)`` zero padding of ``padding='same'``, split as
-    ``F.conv2d`` splits it: the odd pixel of an even total goes to the bottom/right."""
-    (kh, kw), (dh, dw) = kernel_size, dilation
-    th, tw = dh * (kh - 1), dw * (kw - 1)
-    return th // 2, th - th // 2, tw // 2, tw - tw // 2
+def explicit_padding(
+    padding: Union[str, Tuple[int, ...]], kernel_size: Sequence[int], dilation: Sequence[int]
+) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """``(before, after)``: the zero padding of each spatial axis that ``padding`` means,
+    ``'same'`` split as ``F.conv2d`` splits it (the odd pixel of an even total goes after)."""
+    if padding == "valid":
+        return (0,) * len(kernel_size), (0,) * len(kernel_size)
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+        return tuple(t // 2 for t in totals), tuple(t - t // 2 for t in totals)
+    return tuple(padding), tuple(padding)  # type: ignore[arg-type]
 
 
 def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
@@ -124,32 +148,33 @@ def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
 
 
-def output_hw(
+def output_shape(
     x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
-) -> Tuple[int, int]:
-    """``(H', W')`` of ``x`` ``[B, C, H, W]`` convolved with a bank ``[K, O, C/g, kH, kW]``
-    (symbolic sizes stay symbolic: nothing is checked)."""
-    return (
-        output_size(x.shape[2], weight.shape[3], stride[0], padding[0], dilation[0]),
-        output_size(x.shape[3], weight.shape[4], stride[1], padding[1], dilation[1]),
+) -> Tuple[int, ...]:
+    """The spatial output size, e.g. ``(H', W')``, of ``x`` ``[B, C, *spatial]`` convolved with a
+    bank ``[K, O, C/g, *kernel]`` (symbolic sizes stay symbolic: nothing is checked)."""
+    return tuple(
+        output_size(size, k, s, p, d)
+        for size, k, s, p, d in zip(x.shape[2:], weight.shape[3:], stride, padding, dilation)
     )
 
 
-def check_output_hw(
+def check_output_shape(
     x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
-) -> Tuple[int, int]:
-    """:func:`output_hw`, with a clear error where the kernel does not fit the padded input."""
-    hw = output_hw(x, weight, stride, padding, dilation)
-    if min(hw) < 1:
+) -> Tuple[int, ...]:
+    """:func:`output_shape`, with a clear error where the kernel does not fit the padded input."""
+    shape = output_shape(x, weight, stride, padding, dilation)
+    if min(shape) < 1:
+        names = ", ".join(s + "'" for s in SPATIAL[len(shape)])
         raise ValueError(
-            f"output size (H', W') = {hw} < 1: the kernel {tuple(weight.shape[3:])} with dilation={tuple(dilation)} "
-            f"does not fit the input {tuple(x.shape[2:])} padded by {tuple(padding)}"
+            f"output size ({names}) = {shape} < 1: the kernel {tuple(weight.shape[3:])} with "
+            f"dilation={tuple(dilation)} does not fit the input {tuple(x.shape[2:])} padded by {tuple(padding)}"
         )
-    return hw
+    return shape
 
 
 # The device types torch.autocast knows. (torch.amp.is_autocast_available would say, but
-# torch.compile cannot trace it on torch 2.11.)
+# torch.compile cannot trace it.)
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
 
 
@@ -163,10 +188,11 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 def check_tensors(x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], groups: int) -> None:
     """Check the shapes, dtypes and devices of the tensors of a batched dynamic convolution:
-    ``x [B, C, H, W]``, ``weight [K, O, C/groups, kH, kW]``, ``attention [B, K]``, ``bias [K, O]``."""
-    if weight.dim() != 5:
+    ``x [B, C, *spatial]``, ``weight [K, O, C/groups, *kernel]``, ``attention [B, K]``, ``bias [K, O]``."""
+    dims = x.dim() - 2
+    if weight.dim() != dims + 3:
         raise ValueError(
-            f"weight must be 5-D [K, O, C/groups, kH, kW], got {weight.dim()}-D of shape {tuple(weight.shape)}"
+            f"weight must be {dims + 3}-D {bank_text(dims)}, got {weight.dim()}-D of shape {tuple(weight.shape)}"
         )
     B, C = x.shape[:2]
     K, O, c_per_group = weight.shape[:3]
@@ -193,8 +219,20 @@ def check_tensors(x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[T
             raise ValueError(f"{name} is on device {t.device} but x is on {x.device}; they must match")
 
 
+_CHANNELS_LAST = {4: (torch.channels_last, (1, 3, 2, 0)), 5: (torch.channels_last_3d, (1, 4, 3, 2, 0))}
+
+
 def memory_format(x: Tensor) -> torch.memory_format:
-    """The memory format ``F.conv2d`` gives its output for input ``x``: torch's own rule,
-    which reads the strides (a ``[B, 1, H, W]`` tensor is contiguous both ways, but its
-    strides tell)."""
-    return torch.channels_last if suggest_memory_format(x) == torch.channels_last else torch.contiguous_format
+    """The memory format a convolution gives its output for input ``x``: torch's own rule
+    (ATen's ``suggest_memory_format``), which reads the strides. A ``[B, 1, H, W]`` tensor is
+    contiguous both ways; its strides tell which way it was made."""
+    fmt, order = _CHANNELS_LAST.get(x.dim(), (torch.contiguous_format, ()))
+    sizes, strides = x.shape, x.stride()
+    if not order or strides[1] == 0:
+        return torch.contiguous_format
+    smallest = 0
+    for d in order:  # the axes from fastest to slowest in a channels_last layout
+        if sizes[d] == 0 or strides[d] < smallest or (d == 0 and smallest == strides[1]):
+            return torch.contiguous_format
+        smallest = strides[d] * max(sizes[d], 1)
+    return fmt

@@ -43,10 +43,10 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 from typing_extensions import Unpack
 
-from ._utils import Conv2dOptions, DynamicConv2dFn, IntPair
+from ._utils import ConvOptions, DynamicConvFn, IntOrTuple
 from .functional import dynamic_conv2d
 from .layers import DynamicConv2d
-from .reference import per_sample_conv2d
+from .reference import per_sample_conv
 from .strategies import STRATEGIES as CORE_STRATEGIES
 
 __all__ = [
@@ -68,7 +68,7 @@ __all__ = [
 
 
 def static_conv2d(
-    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[Conv2dOptions]
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[ConvOptions]
 ) -> Tensor:
     """The baseline: one ordinary ``F.conv2d`` with the first kernel of the bank.
 
@@ -80,17 +80,17 @@ def static_conv2d(
 #: Name -> callable with the signature of :func:`~dyconv_teach.functional.dynamic_conv2d`. The first entry is
 #: the static baseline every ratio is taken against; the second is the core, which
 #: picks one of the strategies that follow it per shape and device.
-STRATEGIES: Dict[str, DynamicConv2dFn] = {
+STRATEGIES: Dict[str, DynamicConvFn] = {
     "static conv": static_conv2d,
     "dynamic_conv2d": dynamic_conv2d,
     **{name: functools.partial(dynamic_conv2d, strategy=name) for name in CORE_STRATEGIES},
-    "per-sample loop": per_sample_conv2d,
+    "per-sample loop": per_sample_conv,
 }
 BASELINE = "static conv"
 CORE = "dynamic_conv2d"
 
 
-def strategies_for(device: str) -> Dict[str, DynamicConv2dFn]:
+def strategies_for(device: str) -> Dict[str, DynamicConvFn]:
     """The entries of :data:`STRATEGIES` that run on ``device`` (the fused kernels need CUDA)."""
     return {n: fn for n, fn in STRATEGIES.items() if n not in CORE_STRATEGIES or device in CORE_STRATEGIES[n].devices}
 
@@ -136,7 +136,7 @@ def _synchronize(args: Sequence[Tensor]) -> None:
         torch.cuda.synchronize(args[0].device)
 
 
-def _forward_backward(fn: DynamicConv2dFn, args: Sequence[Tensor], conv: Conv2dOptions) -> None:
+def _forward_backward(fn: DynamicConvFn, args: Sequence[Tensor], conv: ConvOptions) -> None:
     """One forward and backward pass, starting from no stored gradients."""
     for t in args:
         t.grad = None
@@ -145,12 +145,12 @@ def _forward_backward(fn: DynamicConv2dFn, args: Sequence[Tensor], conv: Conv2dO
 
 
 def time_forward_backward(
-    fn: DynamicConv2dFn,
+    fn: DynamicConvFn,
     *args: Tensor,
     repeats: int = 5,
     warmup: int = 1,
     timer: Callable[[], float] = time.perf_counter,
-    **conv: Unpack[Conv2dOptions],
+    **conv: Unpack[ConvOptions],
 ) -> float:
     """Seconds one forward+backward of ``fn(*args, **conv)`` takes: the MINIMUM over ``repeats``.
 
@@ -187,7 +187,7 @@ def _cpu_allocator_peak(prof: profile) -> int:
     return peak
 
 
-def peak_memory_forward_backward(fn: DynamicConv2dFn, *args: Tensor, **conv: Unpack[Conv2dOptions]) -> int:
+def peak_memory_forward_backward(fn: DynamicConvFn, *args: Tensor, **conv: Unpack[ConvOptions]) -> int:
     """Peak bytes allocated during one forward+backward of ``fn(*args, **conv)``.
 
     On a GPU, from ``torch.cuda.max_memory_allocated``; on the CPU, from torch.profiler's
@@ -216,7 +216,7 @@ def per_sample_weight_bytes(
     batch: int,
     out_channels: int,
     in_channels: int,
-    kernel_size: IntPair = 3,
+    kernel_size: IntOrTuple = 3,
     groups: int = 1,
     dtype: torch.dtype = torch.float32,
 ) -> int:
@@ -249,7 +249,7 @@ class Cell:
 def run_sweep(
     cells: Sequence[Tuple[int, int]] = SWEEP_CELLS,
     batches: Sequence[int] = SWEEP_BATCHES["cpu"],
-    strategies: Optional[Dict[str, DynamicConv2dFn]] = None,
+    strategies: Optional[Dict[str, DynamicConvFn]] = None,
     repeats: int = 5,
     num_kernels: int = 4,
     timer: Callable[[], float] = time.perf_counter,

@@ -1,8 +1,9 @@
 """Slow, obviously correct dynamic convolutions, and the mistakes people make.
 
-The tests compare :func:`dyconv_teach.functional.dynamic_conv2d` against the
-first two; the book runs the last two to show their real failures. All take the
-arguments of :func:`~dyconv_teach.functional.dynamic_conv2d`.
+The tests compare the core (:mod:`dyconv_teach.functional`) against the first two,
+which work for 1, 2 and 3 spatial dimensions (the bank's shape tells); the book runs
+the last two, 2-D, to show their real failures. All take the arguments of
+:func:`~dyconv_teach.functional.dynamic_conv2d`.
 """
 
 from __future__ import annotations
@@ -16,37 +17,41 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
 
-from ._utils import Conv2dOptions, IntPair, Padding
+from ._utils import ConvOptions, IntOrTuple, Padding
+from .strategies import CONV
 
-__all__ = ["per_sample_conv2d", "kernel_sum_conv2d", "naive_conv2d", "blog_dynamic_conv2d"]
+__all__ = ["per_sample_conv", "kernel_sum_conv", "naive_conv2d", "blog_dynamic_conv2d"]
 
 
-def per_sample_conv2d(
-    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[Conv2dOptions]
+def per_sample_conv(
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[ConvOptions]
 ) -> Tensor:
-    """Loop over the batch: build sample b's kernel, run one ordinary ``F.conv2d``."""
+    """Loop over the batch: build sample b's kernel, run one ordinary ``F.conv1d/2d/3d``."""
+    conv_nd = CONV[weight.dim() - 3]
     outs = []
     for b in range(x.shape[0]):
-        w_b = torch.einsum("j,joihw->oihw", attention[b], weight)  # sum_j pi[b, j] Theta_j
+        w_b = torch.einsum("j,j...->...", attention[b], weight)  # sum_j pi[b, j] Theta_j
         b_b = None if bias is None else attention[b] @ bias
-        outs.append(F.conv2d(x[b : b + 1], w_b, b_b, **conv))  # type: ignore[arg-type]
+        outs.append(conv_nd(x[b : b + 1], w_b, b_b, **conv))
     return torch.cat(outs)
 
 
-def kernel_sum_conv2d(
-    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[Conv2dOptions]
+def kernel_sum_conv(
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[ConvOptions]
 ) -> Tensor:
     """Run K static convolutions and mix their outputs: by linearity of
     convolution, ``sum_j pi_j (Theta_j * x) = (sum_j pi_j Theta_j) * x``."""
+    conv_nd = CONV[weight.dim() - 3]
+    spatial = (1,) * (weight.dim() - 3)
     branches = [
-        attention[:, j, None, None, None] * F.conv2d(x, weight[j], None if bias is None else bias[j], **conv)  # type: ignore[arg-type]
+        attention[:, j].reshape(-1, 1, *spatial) * conv_nd(x, weight[j], None if bias is None else bias[j], **conv)
         for j in range(weight.shape[0])
     ]
     return torch.stack(branches).sum(dim=0)
 
 
 def naive_conv2d(
-    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[Conv2dOptions]
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[ConvOptions]
 ) -> Tensor:
     """The first thing everyone tries: aggregate to ``[B, O, C/g, kH, kW]`` and
     hand that 5-D weight to ``F.conv2d``. Torch rejects it; the book shows how."""
@@ -61,9 +66,9 @@ def blog_dynamic_conv2d(
     weight: Tensor,
     attention: Tensor,
     bias: Optional[Tensor] = None,
-    stride: IntPair = 1,
+    stride: IntOrTuple = 1,
     padding: Padding = 0,
-    dilation: IntPair = 1,
+    dilation: IntOrTuple = 1,
     groups: int = 1,
 ) -> Tensor:
     """The forward pass of a Chinese-language blog post's dynamic convolution (the post whose

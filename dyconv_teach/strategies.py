@@ -2,19 +2,26 @@
 
 Every strategy computes, for each sample ``b``, the convolution of ``x[b]`` with
 its own kernel ``sum_j attention[b, j] * weight[j]`` (and bias), exactly up to
-floating-point rounding. Each is a pair of plain functions, a forward and its
-backward, with the arguments already checked and normalised by
-:func:`dyconv_teach.functional.dynamic_conv2d`, which runs them inside one
-custom operator so that compiled and exported graphs keep a symbolic batch size.
+floating-point rounding, for 1, 2 and 3 spatial dimensions. Each is one function
+of plain torch operations with the arguments already checked and normalised by
+:func:`dyconv_teach.functional.dynamic_conv2d` (and its 1-D and 3-D siblings);
+autograd differentiates it, so ``torch.func`` transforms, tracers and FLOP
+counters see ordinary operations.
 
-- ``batch_as_groups``: mix the kernels per sample, ``[B*O, C/g, kH, kW]``, and run
+A dynamic convolution is two steps: *mixing* builds each sample's kernel from the
+bank, and *batching* convolves every sample with its own kernel. Only the mixing
+belongs to dynamic convolution; :func:`batch_as_groups_conv` is the batching step
+for any per-sample kernels ``[B, O, C/g, *kernel]``, however they were built.
+
+- ``batch_as_groups``: mix the kernels per sample, ``[B*O, C/g, *kernel]``, and run
   the batch as one grouped convolution with ``groups = B*g`` (the book's chapter 5).
 - ``kernel_branches``: one static convolution with all ``K*O`` kernels, then mix
   the K outputs per sample (linearity, the book's chapter 4). K times the
-  multiply-adds, but no per-sample weights.
-- ``fused`` (with the ``gpu`` extra, Triton): kernels that mix each sample's kernel
-  tile where the convolution consumes it, so the per-sample weights are never
-  written (:mod:`dyconv_teach.triton_conv`).
+  multiply-adds, but no per-sample weights, and no ``groups`` that depends on the batch.
+- ``per_sample``: mix the kernels, then one ordinary convolution per sample.
+- ``fused`` (2-D, CUDA, with the ``gpu`` extra, Triton): kernels that mix each sample's
+  kernel tile where the convolution consumes it, so the per-sample weights are never
+  written (:mod:`dyconv_teach.kernels.triton_conv`).
 
 :func:`choose` is the dispatch rule, per device, from measurements.
 """
@@ -22,21 +29,30 @@ custom operator so that compiled and exported graphs keep a symbolic batch size.
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import memory_format
+from ._utils import memory_format, output_shape
 
-__all__ = ["Strategy", "STRATEGIES", "choose", "mixed_weight_bytes"]
+__all__ = [
+    "Strategy",
+    "STRATEGIES",
+    "choose",
+    "mix",
+    "batch_as_groups_conv",
+    "batch_as_groups",
+    "kernel_branches",
+    "per_sample",
+    "fused",
+    "mixed_weight_bytes",
+]
 
-Grads = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]
-Pair = Sequence[int]
-
-
-def _channels_last(x: Tensor) -> bool:
-    return memory_format(x) == torch.channels_last
+#: ``F.conv1d``, ``F.conv2d`` and ``F.conv3d`` by the number of spatial dimensions.
+CONV: Dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+Ints = Sequence[int]
 
 
 def like_input(out: Tensor, x: Tensor) -> Tensor:
@@ -44,212 +60,232 @@ def like_input(out: Tensor, x: Tensor) -> Tensor:
     return out.contiguous(memory_format=memory_format(x))
 
 
-def _conv_backward(
-    grad: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    bias_size: Optional[int],
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    groups: int,
-    mask: Tuple[bool, bool, bool],
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """``F.conv2d``'s gradients (input, weight, bias) through the aten operator autograd itself uses."""
-    return torch.ops.aten.convolution_backward(
-        grad, x, weight, None if bias_size is None else [bias_size], list(stride), list(padding), list(dilation),
-        False, [0, 0], groups, list(mask),
-    )
+def mix(weight: Tensor, attention: Tensor) -> Tensor:
+    """The mixing step: every sample's kernel ``sum_j attention[b, j] * weight[j]``, as
+    ``[B, O, C/g, *kernel]``, from the bank ``[K, O, C/g, *kernel]`` and ``attention [B, K]``."""
+    K = weight.shape[0]
+    # [B, K] @ [K, O*C/g*prod(kernel)]: after this product K is gone.
+    return torch.mm(attention, weight.reshape(K, -1)).reshape(attention.shape[0], *weight.shape[1:])
 
 
-# -- batch as groups ----------------------------------------------------------------------------
+# -- the batching step ---------------------------------------------------------------------------
 
 
-def _mixed_weight(weight: Tensor, attention: Tensor) -> Tensor:
-    """Every sample's kernel, stacked on the output axis: ``[B*O, C/g, kH, kW]``."""
-    K, O = weight.shape[:2]
-    B = attention.shape[0]
-    # [B, K] @ [K, O*C/g*kH*kW] -> [B, O*C/g*kH*kW]: after this product K is gone.
-    return torch.mm(attention, weight.reshape(K, -1)).reshape(B * O, *weight.shape[2:])
-
-
-def batch_as_groups_forward(
-    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Pair, padding: Pair, dilation: Pair,
-    groups: int,
-) -> Tuple[Tensor, Tensor]:
-    """The batch as ``B*g`` groups of one grouped ``F.conv2d`` (for ``B = 1``, a plain convolution)."""
-    B, C, H, W = x.shape
+def _batch_as_groups_conv(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints, dilation: Ints, groups: int
+) -> Tensor:
+    B, C = x.shape[:2]
     O = weight.shape[1]
-    batch_bias = None if bias is None else torch.mm(attention, bias).reshape(B * O)
     # Move the batch into the channels so each sample is one group of C channels and
     # meets only its own kernels; reshape (not view), which copies a channels_last input.
-    out = torch.nn.functional.conv2d(
-        x.reshape(1, B * C, H, W), _mixed_weight(weight, attention), batch_bias, stride, padding, dilation, B * groups
+    out = CONV[x.dim() - 2](
+        x.reshape(1, B * C, *x.shape[2:]), weight.reshape(B * O, *weight.shape[2:]),
+        None if bias is None else bias.reshape(B * O), stride, padding, dilation, B * groups,
     )
-    return like_input(out.reshape(B, O, *out.shape[2:]), x), x.new_empty(0)
+    return like_input(out.reshape(B, O, *out.shape[2:]), x)
 
 
-def batch_as_groups_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], saved: Tensor, stride: Pair,
-    padding: Pair, dilation: Pair, groups: int, mask: Sequence[bool],
-) -> Grads:
-    """Gradients of :func:`batch_as_groups_forward`. The mixed weights are recomputed
-    (one small matrix product) rather than kept: they are as large as the batch."""
-    B, C, H, W = x.shape
-    K, O = weight.shape[:2]
-    need_x, need_w, need_a, need_b = mask
-    per_sample_w = need_w or need_a
-    per_sample_b = bias is not None and (need_b or need_a)
-    gx, gw_b, gb_b = _conv_backward(
-        grad.reshape(1, B * O, *grad.shape[2:]), x.reshape(1, B * C, H, W), _mixed_weight(weight, attention),
-        B * O if bias is not None else None, stride, padding, dilation, B * groups,
-        (need_x, per_sample_w, per_sample_b),
+def batch_as_groups_conv(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints, dilation: Ints, groups: int
+) -> Tensor:
+    """The batching step: convolve each sample ``x[b]`` ``[C, *spatial]`` with its own kernel
+    ``weight[b]`` ``[O, C/g, *kernel]`` (and bias ``bias[b]`` ``[O]``) in one grouped convolution,
+    the batch folded into ``B*g`` groups. Arguments are checked and normalised (tuples, numeric
+    padding); the output is ``[B, O, *out]`` in ``x``'s memory format.
+
+    Under ``torch.compile`` it runs as one custom operator,
+    ``torch.ops.dyconv_teach.batch_as_groups_conv``: a convolution whose ``groups`` depends on
+    a symbolic batch size is more than the compiler's own convolution can take.
+    """
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return torch.ops.dyconv_teach.batch_as_groups_conv(x, weight, bias, stride, padding, dilation, groups)
+    return _batch_as_groups_conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("dyconv_teach::batch_as_groups_conv", mutates_args=())
+def _batch_as_groups_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int], groups: int,
+) -> Tensor:
+    return _batch_as_groups_conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+@_batch_as_groups_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
+    # weight [B, O, C/g, *kernel] has its kernel where a bank [K, O, C/g, *kernel] has it.
+    out = output_shape(x, weight, stride, padding, dilation)
+    return x.new_empty(x.shape[0], weight.shape[1], *out).contiguous(memory_format=memory_format(x))
+
+
+@torch.library.custom_op("dyconv_teach::batch_as_groups_conv_backward", mutates_args=())
+def _batch_as_groups_backward_op(
+    grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+    groups: int, mask: Sequence[bool],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    B, C = x.shape[:2]
+    O = weight.shape[1]
+    dims = x.dim() - 2
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad.reshape(1, B * O, *grad.shape[2:]), x.reshape(1, B * C, *x.shape[2:]),
+        weight.reshape(B * O, *weight.shape[2:]), [B * O], list(stride), list(padding), list(dilation), False,
+        [0] * dims, B * groups, list(mask),
     )
-    # Per-sample gradients [B, ...] go back through the mixing product [B, K] @ [K, ...].
-    gw_flat = gw_b.reshape(B, -1) if per_sample_w else None
-    gb_flat = gb_b.reshape(B, O) if per_sample_b else None
-    grad_attention = None
-    if need_a:
-        grad_attention = torch.mm(gw_flat, weight.reshape(K, -1).t())  # type: ignore[arg-type]
-        if gb_flat is not None:
-            grad_attention = grad_attention + torch.mm(gb_flat, bias.t())  # type: ignore[union-attr]
+    # Each gradient in the strides the fake below promises the compiler; an empty tensor
+    # stands for a gradient that mask did not ask for.
     return (
-        like_input(gx.reshape(B, C, H, W), x) if need_x else None,
-        torch.mm(attention.t(), gw_flat).reshape(weight.shape) if need_w else None,  # type: ignore[arg-type]
-        grad_attention,
-        torch.mm(attention.t(), gb_flat) if need_b and gb_flat is not None else None,
+        torch.empty_like(x).copy_(gx.reshape(x.shape)) if mask[0] else x.new_empty(0),
+        gw.reshape(weight.shape).contiguous() if mask[1] else x.new_empty(0),
+        gb.reshape(B, O) if mask[2] else x.new_empty(0),
     )
 
 
-# -- K-branch sum -------------------------------------------------------------------------------
+@_batch_as_groups_backward_op.register_fake
+def _(grad, x, weight, stride, padding, dilation, groups, mask):  # type: ignore[no-untyped-def]
+    return (
+        torch.empty_like(x) if mask[0] else x.new_empty(0),
+        weight.new_empty(weight.shape) if mask[1] else x.new_empty(0),
+        x.new_empty(x.shape[0], weight.shape[1]) if mask[2] else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):  # type: ignore[no-untyped-def]
+    x, weight = ctx.saved_tensors
+    mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), ctx.has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = _batch_as_groups_backward_op(grad, x, weight, *ctx.args, mask)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None)
+
+
+_batch_as_groups_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- the strategies ------------------------------------------------------------------------------
+
+
+def batch_as_groups(
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints,
+    dilation: Ints, groups: int,
+) -> Tensor:
+    """Mix every sample's kernel, then run the batch as ``B*g`` groups of one grouped convolution
+    (for ``B = 1``, a plain convolution)."""
+    batch_bias = None if bias is None else torch.mm(attention, bias)
+    return batch_as_groups_conv(x, mix(weight, attention), batch_bias, stride, padding, dilation, groups)
 
 
 def _stacked_bank(weight: Tensor, groups: int) -> Tensor:
-    """The bank as one static weight ``[K*O, C/g, kH, kW]`` laid out ``[g, K, O/g]``: a grouped
+    """The bank as one static weight ``[K*O, C/g, *kernel]`` laid out ``[g, K, O/g]``: a grouped
     convolution hands group i the i-th block of output channels, so block i holds its
     O/g channels of all K kernels."""
     K, O = weight.shape[:2]
     return weight.reshape(K, groups, O // groups, *weight.shape[2:]).transpose(0, 1).reshape(K * O, *weight.shape[2:])
 
 
-def kernel_branches_forward(
-    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Pair, padding: Pair, dilation: Pair,
-    groups: int,
-) -> Tuple[Tensor, Tensor]:
-    """All K kernels in one static ``F.conv2d``, the K outputs mixed per sample:
-    ``sum_j pi[b, j] conv(x[b], Theta_j) = conv(x[b], sum_j pi[b, j] Theta_j)``.
-
-    Also returns the K branch outputs, flattened in memory order: the attention's
-    gradient needs them.
-    """
+def kernel_branches(
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints,
+    dilation: Ints, groups: int,
+) -> Tensor:
+    """All K kernels in one static convolution, the K outputs mixed per sample:
+    ``sum_j pi[b, j] conv(x[b], Theta_j) = conv(x[b], sum_j pi[b, j] Theta_j)``."""
     B = x.shape[0]
     K, O = weight.shape[:2]
-    out = like_input(
-        torch.nn.functional.conv2d(x, _stacked_bank(weight, groups), None, stride, padding, dilation, groups), x
-    )
-    branches = out.reshape(B, groups, K, O // groups, *out.shape[2:])
-    mixed = torch.einsum("bgjohw,bj->bgohw", branches, attention).reshape(B, O, *out.shape[2:])
+    out = CONV[x.dim() - 2](x, _stacked_bank(weight, groups), None, stride, padding, dilation, groups)
+    branches = out.unflatten(1, (groups, K, O // groups))  # [B, g, K, O/g, *out]
+    mixed = torch.einsum("bgjo...,bj->bgo...", branches, attention).flatten(1, 2)
     if bias is not None:
-        mixed = mixed + torch.mm(attention, bias)[:, :, None, None]
-    # 1-D in memory order (a view, no copy), as the operator's saved tensor must be.
-    flat = out.permute(0, 2, 3, 1) if _channels_last(x) else out
-    return like_input(mixed, x), flat.reshape(-1)
+        mixed = mixed + torch.mm(attention, bias).reshape(B, O, *(1,) * (x.dim() - 2))
+    return like_input(mixed, x)
 
 
-def kernel_branches_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], saved: Tensor, stride: Pair,
-    padding: Pair, dilation: Pair, groups: int, mask: Sequence[bool],
-) -> Grads:
-    """Gradients of :func:`kernel_branches_forward`; ``saved`` holds its branch outputs."""
-    B = x.shape[0]
-    K, O = weight.shape[:2]
-    need_x, need_w, need_a, need_b = mask
-    grad_g = grad.reshape(B, groups, O // groups, *grad.shape[2:])
-    gx = gw = None
-    if need_x or need_w:
-        grad_branches = torch.einsum("bgohw,bj->bgjohw", grad_g, attention).reshape(B, K * O, *grad.shape[2:])
-        gx, gw_stacked, _ = _conv_backward(
-            grad_branches, x, _stacked_bank(weight, groups), None, stride, padding, dilation, groups,
-            (need_x, need_w, False),
-        )
-        if need_w:
-            gw = gw_stacked.reshape(groups, K, O // groups, *weight.shape[2:]).transpose(0, 1).reshape(weight.shape)
-    grad_sum = grad.sum(dim=(2, 3)) if bias is not None and (need_a or need_b) else None  # [B, O]
-    grad_attention = None
-    if need_a:
-        H, W = grad.shape[2:]
-        out = saved.reshape(B, H, W, K * O).permute(0, 3, 1, 2) if _channels_last(x) else saved.reshape(B, K * O, H, W)
-        branches = out.reshape(B, groups, K, O // groups, H, W)
-        grad_attention = torch.einsum("bgohw,bgjohw->bj", grad_g, branches)
-        if grad_sum is not None:
-            grad_attention = grad_attention + torch.mm(grad_sum, bias.t())  # type: ignore[union-attr]
-    return (
-        like_input(gx, x) if gx is not None and need_x else None,
-        gw,
-        grad_attention,
-        torch.mm(attention.t(), grad_sum) if need_b and grad_sum is not None else None,
-    )
+def per_sample(
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints,
+    dilation: Ints, groups: int,
+) -> Tensor:
+    """Mix every sample's kernel, then one ordinary convolution per sample."""
+    conv = CONV[x.dim() - 2]
+    kernels = mix(weight, attention)
+    biases: List[Optional[Tensor]] = [None] * x.shape[0] if bias is None else list(torch.mm(attention, bias))
+    outs = [
+        conv(x[b : b + 1], kernels[b], biases[b], stride, padding, dilation, groups) for b in range(x.shape[0])
+    ]
+    return like_input(torch.cat(outs), x)
 
 
-# -- fused Triton kernels -----------------------------------------------------------------------
+class _Fused(torch.autograd.Function):
+    """The fused Triton kernels of :mod:`dyconv_teach.kernels.triton_conv` as one autograd node."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints,
+        dilation: Ints, groups: int,
+    ) -> Tensor:
+        from .kernels import triton_conv  # Triton is an optional extra, imported on first use
+
+        return triton_conv.fused_forward(x, weight, attention, bias, stride, padding, dilation, groups)  # type: ignore[arg-type]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def, override]
+        x, weight, attention, bias, *conv = inputs
+        ctx.save_for_backward(x, weight, attention, bias)
+        ctx.conv = conv
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+        from .kernels import triton_conv
+
+        x, weight, attention, bias = ctx.saved_tensors
+        mask = [bool(n) for n in ctx.needs_input_grad[:4]]
+        grads = triton_conv.fused_backward(grad, x, weight, attention, bias, *ctx.conv, mask)
+        return (*grads, None, None, None, None)
 
 
-def fused_forward(
-    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Pair, padding: Pair, dilation: Pair,
-    groups: int,
-) -> Tuple[Tensor, Tensor]:
-    """:func:`dyconv_teach.triton_conv.fused_forward`: an implicit GEMM that mixes each
-    sample's kernel tile on the fly and never writes the per-sample weights (CUDA, or CPU
-    tensors under Triton's interpreter)."""
-    from . import triton_conv  # Triton is an optional extra, imported on first use
-
-    out = triton_conv.fused_forward(x, weight, attention, bias, tuple(stride), tuple(padding),  # type: ignore[arg-type]
-                                    tuple(dilation), groups)  # type: ignore[arg-type]
-    return out, x.new_empty(0)
-
-
-def fused_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], saved: Tensor, stride: Pair,
-    padding: Pair, dilation: Pair, groups: int, mask: Sequence[bool],
-) -> Grads:
-    """Gradients of :func:`fused_forward` (two more fused kernels: input gradient; bank and
-    attention gradients reduced inside the kernel)."""
-    from . import triton_conv
-
-    return triton_conv.fused_backward(grad, x, weight, attention, bias, tuple(stride), tuple(padding),  # type: ignore[arg-type]
-                                      tuple(dilation), groups, mask)  # type: ignore[arg-type]
+def fused(
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints,
+    dilation: Ints, groups: int,
+) -> Tensor:
+    """An implicit GEMM that mixes each sample's kernel tile on the fly and never writes the
+    per-sample weights, forward and backward (2-D; CUDA, or CPU tensors under Triton's
+    interpreter): :func:`dyconv_teach.kernels.triton_conv.fused_forward` and ``fused_backward``."""
+    return _Fused.apply(x, weight, attention, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
 # -- the registry and the dispatch rule -------------------------------------------------------
 
 
 class Strategy(NamedTuple):
-    """A forward ``(x, weight, attention, bias, stride, padding, dilation, groups) -> (out, saved)``,
-    its backward ``(grad, x, weight, attention, bias, saved, stride, padding, dilation, groups,
-    mask) -> (grad_x, grad_weight, grad_attention, grad_bias)``, and the device types it runs on."""
+    """A strategy: ``run(x, weight, attention, bias, stride, padding, dilation, groups) -> out``,
+    the device types and numbers of spatial dimensions it runs on, and whether one compiled
+    graph of it serves every batch size (``torch.compile(dynamic=True)``)."""
 
-    forward: Callable[..., Tuple[Tensor, Tensor]]
-    backward: Callable[..., Grads]
+    run: Callable[..., Tensor]
     devices: Tuple[str, ...] = ("cpu", "cuda")
+    dims: Tuple[int, ...] = (1, 2, 3)
+    any_batch: bool = True
 
 
 #: Every strategy the core can run, by name (``fused`` where Triton is installed).
 STRATEGIES: Dict[str, Strategy] = {
-    "batch_as_groups": Strategy(batch_as_groups_forward, batch_as_groups_backward),
-    "kernel_branches": Strategy(kernel_branches_forward, kernel_branches_backward),
+    "batch_as_groups": Strategy(batch_as_groups),
+    "kernel_branches": Strategy(kernel_branches),
+    "per_sample": Strategy(per_sample, any_batch=False),
 }
 if importlib.util.find_spec("triton") is not None:
     # On CPU tensors the kernels run only under Triton's interpreter, for tests and teaching.
-    STRATEGIES["fused"] = Strategy(fused_forward, fused_backward, devices=("cuda",))
+    STRATEGIES["fused"] = Strategy(fused, devices=("cuda",), dims=(2,), any_batch=False)
 
 
 def mixed_weight_bytes(batch: int, weight: Tensor) -> int:
-    """Bytes of the per-sample weights ``[B*O, C/g, kH, kW]`` that batch-as-groups builds."""
+    """Bytes of the per-sample weights ``[B*O, C/g, *kernel]`` that batch-as-groups builds."""
     return batch * weight[0].numel() * weight.element_size()
 
 
 # The thresholds of the rule below, per device type: the K-branch sum is chosen when the
-# mixed weights exceed BYTES and (K - 1) * H' * W' <= WORK (an output so small that K - 1
+# mixed weights exceed BYTES and (K - 1) * prod(output size) <= WORK (an output so small that K - 1
 # extra static convolutions cost less than building and reading those weights). Measured
 # with `python -m dyconv_teach.bench` (CPU: torch 2.13, 2 threads) and tools/gpu_check.py
 # (CUDA: an H200, torch 2.11, where the fused kernels were never clearly faster, so the rule
@@ -260,11 +296,16 @@ _K_BRANCH_RULE: Dict[str, Tuple[int, int]] = {
 }
 
 
-def choose(device_type: str, batch: int, weight: Tensor, out_hw: Tuple[int, int]) -> str:
+def choose(device_type: str, batch: int, weight: Tensor, out_shape: Sequence[int]) -> str:
     """The strategy :func:`~dyconv_teach.functional.dynamic_conv2d` runs on ``device_type``
-    for ``batch`` samples, the bank ``weight`` ``[K, O, C/g, kH, kW]`` and an output of ``out_hw``."""
+    for ``batch`` samples, the bank ``weight`` ``[K, O, C/g, *kernel]`` and an output of
+    spatial size ``out_shape``."""
     big, work = _K_BRANCH_RULE.get(device_type, _K_BRANCH_RULE["cpu"])
     K = weight.shape[0]
-    if mixed_weight_bytes(batch, weight) > big and (K - 1) * out_hw[0] * out_hw[1] <= work:
+    pixels = 1
+    for n in out_shape:
+        pixels *= n
+    # The shape test first: under torch.compile the batch is symbolic, and each test of it is a guard.
+    if (K - 1) * pixels <= work and mixed_weight_bytes(batch, weight) > big:
         return "kernel_branches"
     return "batch_as_groups"

@@ -10,7 +10,7 @@ import torch
 
 from dyconv_teach import DynamicConv2d, bench
 from dyconv_teach.functional import dynamic_conv2d
-from dyconv_teach.reference import per_sample_conv2d
+from dyconv_teach.reference import per_sample_conv
 from dyconv_teach.strategies import STRATEGIES as CORE_STRATEGIES
 
 
@@ -18,7 +18,7 @@ def test_strategies_table_shares_the_signature() -> None:
     """Every entry of STRATEGIES runs with dynamic_conv2d's arguments; the dynamic ones
     agree with the per-sample loop, the static baseline has the same output shape."""
     args = bench.make_inputs(batch=3, channels=4, size=5, dtype=torch.float64)
-    ref = per_sample_conv2d(*args, padding=1)
+    ref = per_sample_conv(*args, padding=1)
     assert list(bench.STRATEGIES)[:2] == [bench.BASELINE, bench.CORE] and set(CORE_STRATEGIES) <= set(bench.STRATEGIES)
     cpu = bench.strategies_for("cpu")
     assert set(bench.STRATEGIES) - set(cpu) == {n for n, s in CORE_STRATEGIES.items() if "cpu" not in s.devices}

@@ -2,7 +2,7 @@
 
 Serves ``_build/html`` on 127.0.0.1 and opens it in headless Chromium
 (Playwright). On each widget page it moves every control through its values and
-checks the shapes and messages shown against :mod:`dyconv_teach.shapes`. On
+checks the shapes and messages shown against :mod:`dyconv_teach.teaching.shapes`. On
 every chapter, at a desktop's and a phone's width, it checks that no output is
 cut off. Build the book first (see the README); set ``DYCONV_HTML_DIR`` to test
 another build. Where Chromium cannot start the tests skip, except in CI (the
@@ -23,15 +23,15 @@ from urllib.parse import urlparse
 
 import pytest
 
-from dyconv_teach.explorer import Explorer
-from dyconv_teach.shapes import (
+from dyconv_teach.teaching.explorer import Explorer
+from dyconv_teach.teaching.shapes import (
     Shape,
     batch_kernel_shapes,
     grouped_conv_shapes,
     output_size_formula,
     static_conv_shapes,
 )
-from dyconv_teach.widgets import batch_kernel_explorer, grouped_conv_explorer, static_conv_explorer
+from dyconv_teach.teaching.widgets import batch_kernel_explorer, grouped_conv_explorer, static_conv_explorer
 
 ROOT = Path(__file__).resolve().parents[1]
 HTML_DIR = Path(os.environ.get("DYCONV_HTML_DIR", ROOT / "_build" / "html"))

@@ -1,4 +1,4 @@
-"""dyconv_teach.explain: a sentence exactly when torch raises, naming the right axis and numbers."""
+"""dyconv_teach.teaching.explain: a sentence exactly when torch raises, naming the right axis and numbers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dyconv_teach.explain import BLOG_VIEW, NAIVE_5D, Symbols, conv2d_problem, groups_problem
+from dyconv_teach.teaching.explain import BLOG_VIEW, NAIVE_5D, Symbols, conv2d_problem, groups_problem
 
 GENERIC = Symbols(("N", "C_in", "H", "W"), ("C_out", "C_in/groups", "kH", "kW"), "groups")
 

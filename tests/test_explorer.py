@@ -1,4 +1,4 @@
-"""dyconv_teach.explorer: the live widget and the static HTML fallback, on a small explorer."""
+"""dyconv_teach.teaching.explorer: the live widget and the static HTML fallback, on a small explorer."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Dict
 import ipywidgets
 import pytest
 
-from dyconv_teach import explorer
-from dyconv_teach.explorer import (
+from dyconv_teach.teaching import explorer
+from dyconv_teach.teaching.explorer import (
     DATA_PATTERN,
     NOT_LIVE,
     STORED_DATA,
@@ -25,8 +25,8 @@ from dyconv_teach.explorer import (
     ok,
     table,
 )
-from dyconv_teach.plots import draw_group_wiring
-from dyconv_teach.widgets import grouped_conv_explorer
+from dyconv_teach.teaching.plots import draw_group_wiring
+from dyconv_teach.teaching.widgets import grouped_conv_explorer
 
 
 def render(a: int, b: int) -> Dict[str, str]:

@@ -1,12 +1,13 @@
-"""Tests of :func:`dyconv_teach.functional.dynamic_conv2d`: every strategy it can run
-against the slow references over random configurations, gradients, batch
-independence, the dispatch rule, and the errors it raises before torch does."""
+"""Tests of the functional core, :func:`dynamic_conv1d`, :func:`dynamic_conv2d` and
+:func:`dynamic_conv3d`: every strategy it can run against the slow references over random
+configurations in 1, 2 and 3 spatial dimensions, gradients, batch independence, the
+dispatch rule, and the errors it raises before torch does."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import pytest
 import torch
@@ -14,46 +15,55 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dyconv_teach import strategies
-from dyconv_teach._utils import IntPair, Padding
-from dyconv_teach.functional import STRATEGY_NAMES, dynamic_conv2d
-from dyconv_teach.reference import kernel_sum_conv2d, per_sample_conv2d
+from dyconv_teach._utils import Padding
+from dyconv_teach.functional import STRATEGY_NAMES, dynamic_conv1d, dynamic_conv2d, dynamic_conv3d
+from dyconv_teach.reference import kernel_sum_conv, per_sample_conv
 
 # float32 sums of a few hundred products in a different order: a few ulps of outputs of size ~10.
 TOLERANCE = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
 
+#: The core by number of spatial dimensions.
+CORE: dict[int, Callable[..., Tensor]] = {1: dynamic_conv1d, 2: dynamic_conv2d, 3: dynamic_conv3d}
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
 
 @dataclass(frozen=True)
 class Case:
-    """One configuration of dynamic_conv2d: shapes, conv hyper-parameters, layout and dtype."""
+    """One configuration of the core: shapes, conv hyper-parameters, layout and dtype."""
 
     B: int
     K: int
     C: int
     O: int
     groups: int
-    kernel: Tuple[int, int]
-    H: int
-    W: int
-    stride: IntPair
+    kernel: Tuple[int, ...]
+    size: Tuple[int, ...]
+    stride: Any
     padding: Padding
-    dilation: IntPair
+    dilation: Any
     bias: bool
     channels_last: bool
     dtype: torch.dtype
 
+    @property
+    def dims(self) -> int:
+        return len(self.size)
+
     def __str__(self) -> str:
         return (
-            f"B{self.B}-K{self.K}-C{self.C}-O{self.O}-g{self.groups}-k{self.kernel}-{self.H}x{self.W}"
+            f"{self.dims}d-B{self.B}-K{self.K}-C{self.C}-O{self.O}-g{self.groups}-k{self.kernel}-{self.size}"
             f"-s{self.stride}-p{self.padding}-d{self.dilation}-bias{int(self.bias)}"
             f"-{'cl' if self.channels_last else 'cf'}-{str(self.dtype)[6:]}"
         )
 
 
 def random_cases(n: int, seed: int) -> list[Case]:
-    """Draw ``n`` valid configurations (output at least 1x1) from a seeded generator."""
+    """Draw ``n`` valid configurations (output at least 1 pixel) from a seeded generator,
+    cycling through 1, 2 and 3 spatial dimensions (3-D ones smaller)."""
     rng = random.Random(seed)
     cases = []
-    for _ in range(n):
+    for i in range(n):
+        dims = (2, 1, 3)[i % 3]
         kind = rng.choice(["plain", "grouped", "depthwise"])
         if kind == "plain":
             groups, C, O = 1, rng.randint(1, 5), rng.randint(1, 6)
@@ -62,36 +72,37 @@ def random_cases(n: int, seed: int) -> list[Case]:
         else:
             C = rng.randint(2, 4)
             groups, O = C, C * rng.randint(1, 2)
-        kernel = (rng.randint(1, 4), rng.randint(1, 4))
-        dilation = rng.choice([1, 1, 2, (1, 2)])
-        padding = rng.choice([0, 1, (1, 2), "same", "valid"])
-        stride = 1 if padding == "same" else rng.choice([1, 2, (2, 1), 3])
-        d = (dilation, dilation) if isinstance(dilation, int) else dilation
+        most = 3 if dims == 3 else 4
+        kernel = tuple(rng.randint(1, most) for _ in range(dims))
+        dilation = rng.choice([1, 1, 2, tuple(rng.randint(1, 2) for _ in range(dims))])
+        padding = rng.choice([0, 1, tuple(rng.randint(0, 2) for _ in range(dims)), "same", "valid"])
+        stride = 1 if padding == "same" else rng.choice([1, 2, tuple(rng.randint(1, 2) for _ in range(dims)), 3])
+        d = (dilation,) * dims if isinstance(dilation, int) else dilation
         # The smallest input the dilated kernel fits in without padding, plus a random margin.
-        H = d[0] * (kernel[0] - 1) + 1 + rng.randint(0, 5)
-        W = d[1] * (kernel[1] - 1) + 1 + rng.randint(0, 5)
+        size = tuple(dd * (k - 1) + 1 + rng.randint(0, 5 if dims < 3 else 2) for k, dd in zip(kernel, d))
         cases.append(
             Case(
-                B=rng.choice([1, 1, 2, 3, 5, 9, 17]),
+                B=rng.choice([1, 1, 2, 3, 5, 9, 17] if dims < 3 else [1, 2, 3, 5]),
                 K=rng.choice([1, 2, 4]),
                 C=C,
                 O=O,
                 groups=groups,
                 kernel=kernel,
-                H=H,
-                W=W,
+                size=size,
                 stride=stride,
                 padding=padding,
                 dilation=dilation,
                 bias=rng.random() < 0.5,
-                channels_last=rng.random() < 0.5,
+                # (in 3-D only with C > 1: torch's rule for a [B, 1, ...] input depends on its strides)
+                channels_last=dims > 1 and (dims == 2 or C > 1) and rng.random() < 0.5,
                 dtype=rng.choice([torch.float32, torch.float64]),
             )
         )
     return cases
 
 
-CASES = random_cases(48, seed=2020)
+CASES = random_cases(72, seed=2020)
+CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
 def make_tensors(case: Case, seed: int) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
@@ -99,9 +110,9 @@ def make_tensors(case: Case, seed: int) -> Tuple[Tensor, Tensor, Tensor, Optiona
     (the identity is linear in it, so it need not be a softmax)."""
     gen = torch.Generator().manual_seed(seed)
     kw: dict[str, Any] = {"generator": gen, "dtype": case.dtype}
-    x = torch.randn(case.B, case.C, case.H, case.W, **kw)
+    x = torch.randn(case.B, case.C, *case.size, **kw)
     if case.channels_last:
-        x = x.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=CHANNELS_LAST[case.dims])
     weight = torch.randn(case.K, case.O, case.C // case.groups, *case.kernel, **kw)
     attention = torch.randn(case.B, case.K, **kw)
     bias = torch.randn(case.K, case.O, **kw) if case.bias else None
@@ -114,18 +125,24 @@ def conv_kwargs(case: Case) -> dict[str, Any]:
 
 
 def test_cases_cover_every_feature() -> None:
-    """The random draw really contains every feature the equality test is meant to cover."""
-    assert any(c.B == 1 for c in CASES) and any(1 < c.B <= 8 for c in CASES) and any(c.B > 16 for c in CASES)
-    assert any(c.K == 1 for c in CASES) and any(c.K > 1 for c in CASES)
+    """The random draw really contains every feature the equality test is meant to cover,
+    in every number of spatial dimensions."""
+    for dims in (1, 2, 3):
+        cases = [c for c in CASES if c.dims == dims]
+        assert any(c.B == 1 for c in cases) and any(c.B > 2 for c in cases)
+        assert any(c.K == 1 for c in cases) and any(c.K > 1 for c in cases)
+        assert any(c.groups > 1 for c in cases)
+        assert any(c.padding == "same" for c in cases) and any(isinstance(c.stride, tuple) for c in cases)
+        assert any(c.bias for c in cases) and any(not c.bias for c in cases)
+        assert any(c.channels_last for c in cases) or dims == 1
+    assert any(c.B > 16 for c in CASES)
     assert any(c.groups == 2 and c.C > 2 for c in CASES)
     assert any(c.groups == c.C > 1 for c in CASES)
-    assert any(isinstance(c.stride, tuple) for c in CASES) and any(c.stride == 2 for c in CASES)
-    assert any(c.padding == "same" for c in CASES) and any(c.padding == "valid" for c in CASES)
+    assert any(c.stride == 2 for c in CASES)
+    assert any(c.padding == "valid" for c in CASES)
     assert any(isinstance(c.padding, tuple) for c in CASES) and any(c.padding == 1 for c in CASES)
     assert any(c.dilation != 1 for c in CASES)
-    assert any(c.bias for c in CASES) and any(not c.bias for c in CASES)
-    assert any(c.kernel[0] != c.kernel[1] for c in CASES)
-    assert any(c.channels_last for c in CASES)
+    assert any(len(set(c.kernel)) > 1 for c in CASES)
     assert {c.dtype for c in CASES} == {torch.float32, torch.float64}
 
 
@@ -135,10 +152,12 @@ CPU_STRATEGIES = ("auto", *(name for name, s in strategies.STRATEGIES.items() if
 
 
 def test_every_strategy_is_tested() -> None:
-    """The parametrised tests below run every CPU strategy of the registry, so a strategy added
-    later is tested without editing this file; the others have a test file of their own."""
-    assert set(STRATEGY_NAMES) == {"auto", *strategies.STRATEGIES} and len(CPU_STRATEGIES) >= 3
+    """The parametrised tests below run every CPU strategy of the registry in every dimension,
+    so a strategy added later is tested without editing this file; the others have a test file
+    of their own."""
+    assert set(STRATEGY_NAMES) == {"auto", *strategies.STRATEGIES} and len(CPU_STRATEGIES) >= 4
     assert set(STRATEGY_NAMES) - set(CPU_STRATEGIES) <= {"fused"}
+    assert all(strategies.STRATEGIES[name].dims == (1, 2, 3) for name in CPU_STRATEGIES[1:])
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
@@ -146,93 +165,108 @@ def test_every_strategy_is_tested() -> None:
 @pytest.mark.parametrize("index, case", list(enumerate(CASES)), ids=[str(c) for c in CASES])
 def test_matches_both_references(index: int, case: Case, strategy: str) -> None:
     x, weight, attention, bias = make_tensors(case, seed=index)
-    out = dynamic_conv2d(x, weight, attention, bias, **conv_kwargs(case), strategy=strategy)
-    expected = per_sample_conv2d(x, weight, attention, bias, **conv_kwargs(case))
+    out = CORE[case.dims](x, weight, attention, bias, **conv_kwargs(case), strategy=strategy)
+    expected = per_sample_conv(x, weight, attention, bias, **conv_kwargs(case))
     assert out.shape == expected.shape and out.dtype == case.dtype
     torch.testing.assert_close(out, expected, **TOLERANCE[case.dtype])
-    expected = kernel_sum_conv2d(x, weight, attention, bias, **conv_kwargs(case))
+    expected = kernel_sum_conv(x, weight, attention, bias, **conv_kwargs(case))
     torch.testing.assert_close(out, expected, **TOLERANCE[case.dtype])
-    # The output keeps the input's memory format, as F.conv2d's does.
-    assert out.is_contiguous(memory_format=torch.channels_last if case.channels_last else torch.contiguous_format)
+    # The output keeps the input's memory format, as F.conv2d's does (F.conv3d keeps it in
+    # some of its CPU kernels only; the core always does).
+    if case.dims == 2:
+        static = F.conv2d(x, weight[0], **conv_kwargs(case))
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            assert out.is_contiguous(memory_format=fmt) == static.is_contiguous(memory_format=fmt)
+    else:
+        fmt = CHANNELS_LAST[case.dims] if case.channels_last else torch.contiguous_format
+        assert out.is_contiguous(memory_format=fmt)
 
 
 @pytest.mark.parametrize("strategy", CPU_STRATEGIES)
+@pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_batch_of_one_is_a_plain_conv_with_the_mixed_kernel(groups: int, strategy: str) -> None:
+def test_batch_of_one_is_a_plain_conv_with_the_mixed_kernel(groups: int, dims: int, strategy: str) -> None:
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 4, 7, 7, generator=gen, dtype=torch.float64)
-    weight = torch.randn(3, 6, 4 // groups, 3, 3, generator=gen, dtype=torch.float64)
+    x = torch.randn(1, 4, *(7,) * dims, generator=gen, dtype=torch.float64)
+    weight = torch.randn(3, 6, 4 // groups, *(3,) * dims, generator=gen, dtype=torch.float64)
     bias = torch.randn(3, 6, generator=gen, dtype=torch.float64)
     pi = torch.softmax(torch.randn(1, 3, generator=gen, dtype=torch.float64), dim=1)
     mixed_weight = sum(pi[0, j] * weight[j] for j in range(3))
     mixed_bias = sum(pi[0, j] * bias[j] for j in range(3))
-    expected = F.conv2d(x, mixed_weight, mixed_bias, stride=2, padding=1, groups=groups)
-    out = dynamic_conv2d(x, weight, pi, bias, stride=2, padding=1, groups=groups, strategy=strategy)
+    expected = CONV[dims](x, mixed_weight, mixed_bias, stride=2, padding=1, groups=groups)
+    out = CORE[dims](x, weight, pi, bias, stride=2, padding=1, groups=groups, strategy=strategy)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 GRADCHECK_CASES = [
-    # B, C, O, K, groups, kernel, H, W, conv kwargs, bias
-    (2, 4, 4, 3, 2, (3, 3), 5, 5, {"stride": 2, "padding": 1}, True),
-    (3, 3, 6, 2, 3, (2, 3), 5, 4, {"padding": "same", "dilation": (2, 1)}, True),
-    (2, 2, 3, 2, 1, (3, 1), 6, 4, {"stride": (2, 1), "padding": (1, 0)}, False),
-    (9, 2, 2, 2, 1, (3, 3), 4, 4, {"padding": 1}, True),
+    # B, C, O, K, groups, kernel, size, conv kwargs, bias
+    (2, 4, 4, 3, 2, (3, 3), (5, 5), {"stride": 2, "padding": 1}, True),
+    (3, 3, 6, 2, 3, (2, 3), (5, 4), {"padding": "same", "dilation": (2, 1)}, True),
+    (2, 2, 3, 2, 1, (3, 1), (6, 4), {"stride": (2, 1), "padding": (1, 0)}, False),
+    (9, 2, 2, 2, 1, (3, 3), (4, 4), {"padding": 1}, True),
+    (3, 4, 2, 3, 2, (3,), (7,), {"stride": 2, "padding": 1, "dilation": 2}, True),
+    (2, 2, 4, 2, 1, (2,), (5,), {"padding": "same"}, False),
+    (2, 2, 4, 2, 2, (2, 3, 2), (4, 4, 3), {"stride": (1, 2, 1), "padding": 1}, True),
+    (3, 3, 3, 2, 1, (1, 3, 3), (2, 4, 5), {"padding": (0, 1, 1), "dilation": (1, 1, 2)}, False),
 ]
 
 
 @pytest.mark.parametrize("strategy", CPU_STRATEGIES)
-@pytest.mark.parametrize("B, C, O, K, groups, kernel, H, W, conv, has_bias", GRADCHECK_CASES)
+@pytest.mark.parametrize("B, C, O, K, groups, kernel, size, conv, has_bias", GRADCHECK_CASES)
 def test_gradcheck(
-    B: int, C: int, O: int, K: int, groups: int, kernel: Tuple[int, int], H: int, W: int, conv: dict, has_bias: bool,
-    strategy: str,
+    B: int, C: int, O: int, K: int, groups: int, kernel: Tuple[int, ...], size: Tuple[int, ...], conv: dict,
+    has_bias: bool, strategy: str,
 ) -> None:
+    dims = len(size)
     gen = torch.Generator().manual_seed(3)
     kw: dict[str, Any] = {"generator": gen, "dtype": torch.float64}
-    x = torch.randn(B, C, H, W, **kw).requires_grad_()
+    x = torch.randn(B, C, *size, **kw).requires_grad_()
     weight = torch.randn(K, O, C // groups, *kernel, **kw).requires_grad_()
     attention = torch.randn(B, K, **kw).requires_grad_()
     bias = torch.randn(K, O, **kw).requires_grad_() if has_bias else None
 
     def f(x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor]) -> Tensor:
-        return dynamic_conv2d(x, weight, attention, bias, groups=groups, **conv, strategy=strategy)
+        return CORE[dims](x, weight, attention, bias, groups=groups, **conv, strategy=strategy)
 
     assert torch.autograd.gradcheck(f, (x, weight, attention, bias))
-    # Channels_last input and gradients only for some inputs take other paths of the backward.
-    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: f(x, weight.detach(), attention, None), (x_cl,))
+    if dims > 1:  # channels_last input and gradients only for some inputs take other paths
+        x_cl = x.detach().to(memory_format=CHANNELS_LAST[dims]).requires_grad_()
+        assert torch.autograd.gradcheck(lambda x: f(x, weight.detach(), attention, None), (x_cl,))
 
 
 @pytest.mark.parametrize("strategy", CPU_STRATEGIES)
-def test_batch_independence(strategy: str) -> None:
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_batch_independence(dims: int, strategy: str) -> None:
     """Sample i's output never depends on sample j's input or attention row."""
     B = 10
     gen = torch.Generator().manual_seed(5)
     kw: dict[str, Any] = {"generator": gen, "dtype": torch.float64}
-    x = torch.randn(B, 4, 6, 6, **kw)
-    weight = torch.randn(3, 6, 2, 3, 3, **kw)
+    x = torch.randn(B, 4, *(6,) * dims, **kw)
+    weight = torch.randn(3, 6, 2, *(3,) * dims, **kw)
     attention = torch.randn(B, 3, **kw)
     bias = torch.randn(3, 6, **kw)
     conv: dict[str, Any] = {"stride": 2, "padding": 1, "groups": 2, "strategy": strategy}
-    out = dynamic_conv2d(x, weight, attention, bias, **conv)
+    out = CORE[dims](x, weight, attention, bias, **conv)
     for j in range(B):
         x2, attention2 = x.clone(), attention.clone()
         x2[j] = torch.randn(x[j].shape, **kw)
         attention2[j] = torch.randn(attention[j].shape, **kw)
-        out2 = dynamic_conv2d(x2, weight, attention2, bias, **conv)
+        out2 = CORE[dims](x2, weight, attention2, bias, **conv)
         assert not torch.allclose(out2[j], out[j])  # the change is visible where it belongs...
         others = [i for i in range(B) if i != j]
         torch.testing.assert_close(out2[others], out[others], rtol=0, atol=0)  # ...and nowhere else
 
 
 @pytest.mark.parametrize("strategy", CPU_STRATEGIES)
-def test_batch_independence_of_gradients(strategy: str) -> None:
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_batch_independence_of_gradients(dims: int, strategy: str) -> None:
     """d out[i] / d x[j] and d out[i] / d attention[j] are exactly zero for j != i."""
     B = 10
     gen = torch.Generator().manual_seed(6)
-    x = torch.randn(B, 2, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(2, 4, 2, 3, 3, generator=gen, dtype=torch.float64)
+    x = torch.randn(B, 2, *(5,) * dims, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 4, 2, *(3,) * dims, generator=gen, dtype=torch.float64)
     attention = torch.randn(B, 2, generator=gen, dtype=torch.float64, requires_grad=True)
-    out = dynamic_conv2d(x, weight, attention, padding=1, strategy=strategy)
+    out = CORE[dims](x, weight, attention, padding=1, strategy=strategy)
     for i in range(B):
         grad_x, grad_attention = torch.autograd.grad(out[i].sum(), (x, attention), retain_graph=True)
         for j in range(B):
@@ -242,9 +276,9 @@ def test_batch_independence_of_gradients(strategy: str) -> None:
                 assert torch.count_nonzero(grad_x[j]) == 0 and torch.count_nonzero(grad_attention[j]) == 0
 
 
-def bank(K: int, C: int, O: int, k: int = 3) -> Tensor:
+def bank(K: int, C: int, O: int, k: int = 3, dims: int = 2) -> Tensor:
     """A kernel bank on the meta device: shapes and sizes without memory."""
-    return torch.empty(K, O, C, k, k, device="meta")
+    return torch.empty(K, O, C, *(k,) * dims, device="meta")
 
 
 @pytest.mark.parametrize(
@@ -268,17 +302,29 @@ def test_dispatch_rule(device: str, B: int, C: int, hw: int, expected: str) -> N
     assert strategies.choose(device, B, bank(4, C, C), (hw, hw)) == expected
 
 
+@pytest.mark.parametrize("dims, out, mib, expected", [
+    (1, (49,), 24, "batch_as_groups"),  # 3 * 49 = 147, but 24 MiB < 32 MiB
+    (3, (7, 7, 1), 216, "kernel_branches"),  # 216 MiB, 3 * 49 = 147
+    (3, (7, 7, 7), 216, "batch_as_groups"),  # 3 * 343 = 1029 > 256
+])
+def test_dispatch_rule_in_1d_and_3d(dims: int, out: Tuple[int, ...], mib: int, expected: str) -> None:
+    """In 1-D and 3-D the rule weighs the same quantities: the mixed weights' bytes (B = 32,
+    C = O = 256, 3-wide kernels) and (K - 1) times the output's pixels, all spatial axes together."""
+    weight = bank(4, 256, 256, k=3, dims=dims)
+    assert strategies.mixed_weight_bytes(32, weight) == mib * 2**20
+    assert strategies.choose("cpu", 32, weight, out) == expected
+
+
 def test_dynamic_conv2d_runs_the_strategy_the_rule_chooses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """'auto' runs what :func:`strategies.choose` says, in the forward and the backward
-    (meta tensors: the deep layer's shapes without its memory or time)."""
+    """'auto' runs what :func:`strategies.choose` says (meta tensors: the deep layer's shapes
+    without its memory or time)."""
     ran: list[str] = []
     for name, strategy in list(strategies.STRATEGIES.items()):
 
-        def record(forward: Any, name: str = name) -> Any:
-            return lambda *args: (ran.append(name), forward(*args))[1]
+        def record(run: Any, name: str = name) -> Any:
+            return lambda *args: (ran.append(name), run(*args))[1]
 
-        recorded = strategies.Strategy(record(strategy.forward), strategy.backward, strategy.devices)
-        monkeypatch.setitem(strategies.STRATEGIES, name, recorded)
+        monkeypatch.setitem(strategies.STRATEGIES, name, strategy._replace(run=record(strategy.run)))
     for B, expected in ((32, "kernel_branches"), (1, "batch_as_groups")):
         ran.clear()
         x = torch.empty(B, 256, 7, 7, device="meta")
@@ -286,21 +332,23 @@ def test_dynamic_conv2d_runs_the_strategy_the_rule_chooses(monkeypatch: pytest.M
         assert out.shape == (B, 256, 7, 7) and ran == [expected]
 
 
-def test_unbatched_input_is_one_sample() -> None:
-    case = CASES[3]
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_unbatched_input_is_one_sample(dims: int) -> None:
+    case = next(c for c in CASES if c.dims == dims and c.B > 1)
     x, weight, attention, bias = make_tensors(case, seed=3)
-    out = dynamic_conv2d(x[1], weight, attention[1], bias, **conv_kwargs(case))
-    torch.testing.assert_close(out, dynamic_conv2d(x[1:2], weight, attention[1:2], bias, **conv_kwargs(case))[0])
+    out = CORE[dims](x[1], weight, attention[1], bias, **conv_kwargs(case))
+    torch.testing.assert_close(out, CORE[dims](x[1:2], weight, attention[1:2], bias, **conv_kwargs(case))[0])
 
 
 @pytest.mark.parametrize("strategy", CPU_STRATEGIES)
-def test_empty_batch_gives_an_empty_output_and_zero_gradients(strategy: str) -> None:
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_empty_batch_gives_an_empty_output_and_zero_gradients(dims: int, strategy: str) -> None:
     """As F.conv2d: B = 0 is no error; the bank's gradient is zero."""
-    args = valid_args()
-    x = torch.randn(0, 4, 6, 6, requires_grad=True)
-    weight, bias = args["weight"].requires_grad_(), args["bias"].requires_grad_()
-    out = dynamic_conv2d(x, weight, torch.randn(0, 3), bias, groups=2, strategy=strategy)
-    assert out.shape == (0, 6, 4, 4)
+    x = torch.randn(0, 4, *(6,) * dims, requires_grad=True)
+    weight = torch.randn(3, 6, 2, *(3,) * dims, requires_grad=True)
+    bias = torch.randn(3, 6, requires_grad=True)
+    out = CORE[dims](x, weight, torch.randn(0, 3), bias, groups=2, strategy=strategy)
+    assert out.shape == (0, 6, *(4,) * dims)
     out.sum().backward()
     assert x.grad.shape == x.shape and not weight.grad.any() and not bias.grad.any()
 
@@ -410,7 +458,7 @@ BAD_ARGS: dict[str, Tuple[dict[str, Any], type, str]] = {
     "bad padding string": (
         {"padding": "full"},
         ValueError,
-        r"padding must be 'same', 'valid', an int or a pair, got 'full'",
+        r"padding must be 'same', 'valid', an int or a pair of ints, got 'full'",
     ),
     "negative padding": ({"padding": -1}, ValueError, r"padding must be >= 0, got -1"),
     "negative padding pair": ({"padding": (1, -2)}, ValueError, r"padding must be >= 0, got \(1, -2\)"),
@@ -433,6 +481,36 @@ def test_bad_arguments_raise_our_error(change: dict[str, Any], error: type, mess
         dynamic_conv2d(**{**valid_args(), **change})
 
 
+# The same checks speak each dimension's language: (function, change, regex).
+BAD_ARGS_1D_3D = {
+    "1-D core, 4-D input": (dynamic_conv1d, {"x": torch.randn(2, 4, 6, 6)},
+                            r"x must be 3-D \[B, C, L\] or 2-D \[C, L\], got 4-D"),
+    "1-D core, 5-D bank": (dynamic_conv1d, {"x": torch.randn(2, 4, 6)},
+                           r"weight must be 4-D \[K, O, C/groups, kL\], got 5-D"),
+    "3-D core, 3-D input": (dynamic_conv3d, {"x": torch.randn(4, 6, 6)},
+                            r"x must be 5-D \[B, C, D, H, W\] or 4-D \[C, D, H, W\], got 3-D"),
+    "3-D core, stride pair": (dynamic_conv3d, {"x": torch.randn(2, 4, 6, 6, 6), "stride": (1, 2)},
+                              r"weight must be 6-D \[K, O, C/groups, kD, kH, kW\], got 5-D"),
+    "1-D core, stride pair": (dynamic_conv1d, {"x": torch.randn(2, 4, 6), "weight": torch.randn(3, 6, 2, 3),
+                                               "stride": (1, 2)},
+                              r"stride must be an int or a tuple of one int, got \(1, 2\)"),
+    "3-D core, too small": (dynamic_conv3d, {"x": torch.randn(2, 4, 6, 6, 2), "weight": torch.randn(3, 6, 2, 3, 3, 3)},
+                            r"output size \(D', H', W'\) = \(4, 4, 0\) < 1"),
+}
+
+
+@pytest.mark.parametrize("fn, change, message", BAD_ARGS_1D_3D.values(), ids=BAD_ARGS_1D_3D.keys())
+def test_bad_arguments_in_1d_and_3d(fn: Callable[..., Tensor], change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        fn(**{**valid_args(), **change})
+
+
+@pytest.mark.skipif("fused" not in strategies.STRATEGIES, reason="triton is not installed")
+def test_fused_strategy_is_2d_only() -> None:
+    with pytest.raises(ValueError, match=r"strategy 'fused' runs 2-D convolutions only, not 1-D"):
+        dynamic_conv1d(torch.randn(2, 4, 6), torch.randn(3, 6, 4, 3), torch.randn(2, 3), strategy="fused")
+
+
 @pytest.mark.parametrize("name", ["x", "weight", "attention", "bias"])
 def test_device_mismatch(name: str) -> None:
     """A tensor on another device ('meta' stands in for a GPU) is named in the error."""
@@ -447,22 +525,58 @@ def test_device_mismatch(name: str) -> None:
         dynamic_conv2d(**args)
 
 
-def test_flop_counter_counts_one_convolution_per_sample_and_the_mixing() -> None:
-    """torch.utils.flop_counter sees the operator as one call; its formula counts what the
-    computation needs (a static convolution's FLOPs, plus the mixing), for every strategy."""
+@pytest.mark.parametrize("strategy", ["batch_as_groups", "per_sample"])
+def test_flop_counter_counts_one_convolution_per_sample_and_the_mixing(strategy: str) -> None:
+    """torch.utils.flop_counter counts the operations that run. Mixing first, the forward
+    is a static convolution's multiply-adds plus the mixing [B, K] @ [K, O*C*k*k], and the
+    backward two convolutions (input and weight gradients) and two products (back to the
+    attention and to the bank). (torch 2.13's counter takes a grouped convolution's weight
+    gradient as ``groups`` times its real cost, so batch-as-groups' backward, B*g groups,
+    is checked through the per-sample loop's, one group each.)"""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(2, 4, 5, 5, requires_grad=True)
     weight = torch.randn(3, 6, 4, 3, 3, requires_grad=True)
     attention = torch.randn(2, 3, requires_grad=True)
     mix = 2 * 2 * 3 * 6 * 4 * 3 * 3  # [B, K] @ [K, O*C*k*k]
-    for strategy in CPU_STRATEGIES:
-        with FlopCounterMode(display=False) as dynamic:
-            out = dynamic_conv2d(x, weight, attention, padding=1, strategy=strategy)
-            forward = dynamic.get_total_flops()
-            out.sum().backward()
-        with FlopCounterMode(display=False) as static:
-            F.conv2d(x, weight[0], padding=1).sum().backward()
-        conv_forward = static.get_total_flops() // 3  # forward, input and weight gradients
-        assert forward == conv_forward + mix
-        assert dynamic.get_total_flops() == 3 * conv_forward + 4 * mix
+    with FlopCounterMode(display=False) as dynamic:
+        out = dynamic_conv2d(x, weight, attention, padding=1, strategy=strategy)
+        forward = dynamic.get_total_flops()
+        out.sum().backward()
+    with FlopCounterMode(display=False) as static:
+        F.conv2d(x, weight[0], padding=1).sum().backward()
+    conv_forward = static.get_total_flops() // 3  # forward, input and weight gradients
+    assert forward == conv_forward + mix
+    if strategy == "per_sample":
+        assert dynamic.get_total_flops() == 3 * conv_forward + 3 * mix
+
+
+def test_flop_counter_sees_the_k_branch_sums_k_convolutions() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, weight, attention = torch.randn(2, 4, 5, 5), torch.randn(3, 6, 4, 3, 3), torch.randn(2, 3)
+    with FlopCounterMode(display=False) as counter:
+        dynamic_conv2d(x, weight, attention, padding=1, strategy="kernel_branches")
+    conv = 2 * 2 * 6 * 4 * 9 * 25  # one static convolution of the batch
+    assert 3 * conv <= counter.get_total_flops() <= 3 * conv + 2 * 2 * 3 * 6 * 25  # K convolutions, the mix
+
+
+def test_compiled_operator_matches_the_plain_path() -> None:
+    """``torch.ops.dyconv_teach.batch_as_groups_conv`` (what torch.compile runs) passes torch's
+    operator checks (schema, fake tensors, autograd registration) and equals the eager path,
+    in 1, 2 and 3 dimensions and on channels_last input."""
+    for dims in (1, 2, 3):
+        gen = torch.Generator().manual_seed(dims)
+        x = torch.randn(3, 4, *(5,) * dims, generator=gen, dtype=torch.float64)
+        if dims > 1:
+            x = x.contiguous(memory_format=CHANNELS_LAST[dims])
+        w = torch.randn(3, 6, 2, *(3,) * dims, generator=gen, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+        args = (x.requires_grad_(), w, b, (1,) * dims, (1,) * dims, (1,) * dims, 2)
+        torch.library.opcheck(torch.ops.dyconv_teach.batch_as_groups_conv, args)
+        op = torch.ops.dyconv_teach.batch_as_groups_conv(*args)
+        plain = strategies._batch_as_groups_conv(*args)
+        torch.testing.assert_close(op, plain)
+        assert op.stride() == plain.stride()
+        torch.autograd.gradcheck(lambda x, w, b: torch.ops.dyconv_teach.batch_as_groups_conv(x, w, b, *args[3:]),
+                                 args[:3])

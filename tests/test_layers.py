@@ -1,10 +1,11 @@
 """Tests of :mod:`dyconv_teach.layers`: the attention branch and its temperature,
-the layer against the slow reference, initialisation, state_dict, repr and errors."""
+the layers (1-D, 2-D, 3-D) against the slow reference, initialisation, state_dict, repr and errors."""
 
 from __future__ import annotations
 
 import io
 import math
+import random
 from typing import Any
 
 import pytest
@@ -13,8 +14,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from dyconv_teach.layers import MIN_TEMPERATURE, DynamicConv2d, linear_temperature, set_temperature
-from dyconv_teach.reference import per_sample_conv2d
+from dyconv_teach.layers import (
+    MIN_TEMPERATURE,
+    DynamicConv1d,
+    DynamicConv2d,
+    DynamicConv3d,
+    linear_temperature,
+    set_temperature,
+)
+from dyconv_teach.reference import per_sample_conv
 
 
 def make_layer(seed: int = 0, **kwargs: Any) -> DynamicConv2d:
@@ -140,8 +148,70 @@ def test_layer_matches_per_sample_reference(config: dict[str, Any], channels_las
     if layer.padding_mode != "zeros":  # as nn.Conv2d: pad in that mode, then convolve unpadded
         x, padding = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), 0
     conv = {"stride": layer.stride, "padding": padding, "dilation": layer.dilation, "groups": layer.groups}
-    expected = per_sample_conv2d(x, layer.bank, layer.last_attention, layer.bias, **conv)
+    expected = per_sample_conv(x, layer.bank, layer.last_attention, layer.bias, **conv)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+LAYERS = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
+
+
+def random_layer_configs(n: int, seed: int) -> list[tuple[int, dict[str, Any], int]]:
+    """(dims, constructor arguments, batch) for ``n`` random layers, cycling through 1, 2 and 3-D."""
+    rng = random.Random(seed)
+    configs = []
+    for i in range(n):
+        dims = (1, 2, 3)[i % 3]
+        groups = rng.choice([1, 2])
+        kernel = tuple(rng.randint(1, 3) for _ in range(dims))
+        padding = rng.choice([0, 1, "same", tuple(rng.randint(0, 2) for _ in range(dims))])
+        config: dict[str, Any] = {
+            "in_channels": 2 * groups * rng.randint(1, 2), "out_channels": 2 * groups * rng.randint(1, 2),
+            "kernel_size": kernel, "groups": groups, "padding": padding,
+            "stride": 1 if padding == "same" else rng.choice([1, 2]), "dilation": rng.choice([1, 2]),
+            "bias": rng.random() < 0.7, "num_kernels": rng.choice([1, 2, 4]),
+            "padding_mode": rng.choice(["zeros", "zeros", "reflect", "circular"]),
+            "routing": rng.choice(["softmax", "sigmoid"]), "temperature": rng.choice([1.0, 4.0]),
+        }
+        configs.append((dims, config, rng.choice([1, 3, 5])))
+    return configs
+
+
+LAYER_CASES = random_layer_configs(18, seed=17)
+
+
+@pytest.mark.parametrize("dims, config, B", LAYER_CASES, ids=[f"{d}d-{c}-B{b}" for d, c, b in LAYER_CASES])
+def test_layers_equal_a_per_sample_loop_forward_and_backward(dims: int, config: dict[str, Any], B: int) -> None:
+    """Every layer, 1-D, 2-D and 3-D, equals a loop of ``F.conv1d/2d/3d`` over the samples, each with
+    the kernel its attention mixes; so do the gradients of the input and of every parameter (the
+    bank, the biases and the attention branch's two linear layers), in float64."""
+    torch.manual_seed(0)
+    layer = LAYERS[dims](**config, dtype=torch.float64)
+    x = randn(B, config["in_channels"], *(7,) * dims, dtype=torch.float64).requires_grad_()
+    out = layer(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    padded, padding = x, layer.padding
+    if layer.padding_mode != "zeros" or layer.padding == "same":  # pad as nn.Conv2d does, then convolve
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        padded, padding = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode), 0
+    conv = {"stride": layer.stride, "padding": padding, "dilation": layer.dilation, "groups": layer.groups}
+    expected = per_sample_conv(padded, layer.bank, layer.attention(x), layer.bias, **conv)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for name, got, want in zip(["x", *(n for n, _ in layer.named_parameters())], grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_1d_and_3d_layers_store_their_bank_like_the_2d_one(dims: int) -> None:
+    layer = LAYERS[dims](4, 6, 3, groups=2, num_kernels=3)
+    assert layer.weight.shape == (3 * 6, 2, *(3,) * dims) and layer.bank.shape == (3, 6, 2, *(3,) * dims)
+    assert layer.kernel_size == (3,) * dims and layer.stride == (1,) * dims
+    conv = getattr(nn, f"Conv{dims}d")(4, 6, 3, groups=2)
+    assert layer.extra_repr() == conv.extra_repr() + ", num_kernels=3, temperature=30.0"
+    with pytest.raises(ValueError, match=rf"DynamicConv{dims}d expects in_channels=4"):
+        layer(randn(2, 5, *(6,) * dims))
+    with pytest.raises(ValueError, match=rf"DynamicConv{dims}d expects \[B, C"):
+        layer(randn(*(6,) * (dims + 3)))
 
 
 def test_bank_is_a_5d_view_of_the_4d_weight() -> None:
@@ -165,15 +235,30 @@ def test_state_dict_round_trip_keeps_outputs_and_temperature() -> None:
     assert torch.equal(fresh(x), layer(x))
 
 
-def test_loads_a_checkpoint_with_the_old_5d_bank() -> None:
-    """dyconv_teach 0.1 saved the bank as ``weight`` [K, O, C/g, kH, kW]; such checkpoints still load."""
+def test_loads_a_checkpoint_of_the_first_release() -> None:
+    """dyconv_teach 0.1 saved the bank as ``weight`` [K, O, C/g, kH, kW] and the temperature as
+    extra state; such checkpoints still load, temperature included."""
     layer = make_layer(seed=0)
-    old = {**layer.state_dict(), "weight": layer.bank.detach().clone()}
+    layer.temperature = 2.5
+    old = {k: v for k, v in layer.state_dict().items() if k != "temperature"}
+    old.update({"weight": layer.bank.detach().clone(), "_extra_state": {"temperature": 2.5}})
     assert old["weight"].dim() == 5
     fresh = make_layer(seed=1)
     fresh.load_state_dict(old)
+    assert fresh.temperature == 2.5
     x = randn(3, 4, 6, 6)
     assert torch.equal(fresh(x), layer(x))
+
+
+def test_temperature_is_a_buffer_that_graphs_read() -> None:
+    """The temperature lives in a 0-d buffer: saved in the state_dict, moved by ``.to``, and changed
+    in place, so a traced or scripted copy of the layer follows every later change."""
+    layer = make_layer(temperature=3.0)
+    assert layer.state_dict()["temperature"].shape == () and float(layer.temperature) == 3.0
+    assert layer.to(torch.float64).temperature.dtype == torch.float64
+    buffer = layer.temperature
+    layer.temperature = 7.0
+    assert layer.temperature is buffer and float(buffer) == 7.0
 
 
 @pytest.mark.parametrize("groups", [1, 2])

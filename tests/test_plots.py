@@ -1,4 +1,4 @@
-"""dyconv_teach.plots: every labelled shape is a real tensor's, and the diagrams wire what convolution connects."""
+"""dyconv_teach.teaching.plots: every labelled shape is a real tensor's, and the diagrams wire what convolution connects."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from dyconv_teach import DynamicConv2d
-from dyconv_teach.plots import (
+from dyconv_teach.teaching.plots import (
     MAX_DRAWN_SAMPLES,
     draw_batch_as_groups,
     draw_channel_layouts,
@@ -23,8 +23,8 @@ from dyconv_teach.plots import (
     draw_implicit_gemm,
     drawn_shapes,
 )
-from dyconv_teach.reference import per_sample_conv2d
-from dyconv_teach.shapes import EXAMPLE, batch_kernel_shapes
+from dyconv_teach.reference import per_sample_conv
+from dyconv_teach.teaching.shapes import EXAMPLE, batch_kernel_shapes
 
 SHAPE = re.compile(r"\[(\d+(?:, \d+)*)\]")
 Labels = List[Tuple[str, Tuple[int, ...]]]
@@ -69,7 +69,7 @@ def test_dynamic_convolution_labels_real_shapes(B: int, C: int, O: int, K: int, 
         bank = layer.weight.reshape(K, O, C // g, k, k)
         # The drawn bank and per-sample kernels are what the layer computes with: the slow reference
         # with this bank reproduces the layer's output.
-        assert torch.allclose(per_sample_conv2d(x, bank, pi, layer.bias, groups=g), y, atol=1e-5)
+        assert torch.allclose(per_sample_conv(x, bank, pi, layer.bias, groups=g), y, atol=1e-5)
         mixed = torch.einsum("bj,j...->b...", pi, bank)
     expected: Labels = [
         ("x", tuple(x.shape)), ("avgpool", tuple(pooled.shape)), ("fc1", tuple(hidden.shape)),
@@ -224,7 +224,8 @@ def test_implicit_gemm_draws_the_real_product(B: int, C: int, O: int, K: int, k:
     cols = slice(tile[1] * bn, min(tile[1] * bn + bn, O))
     red = slice(tap * C + c0 * bk, tap * C + min(c0 * bk + bk, C))
     bank_tiles = bank.permute(0, 3, 4, 2, 1).reshape(K, k * k * C, O)[:, red, cols]
-    assert torch.equal(torch.einsum("j,j...->...", pi[b], bank_tiles), W[red, cols])  # the mix of the K tiles
+    # The mix of the K tiles (equal to the last bits: einsum may sum a slice in another order).
+    torch.testing.assert_close(torch.einsum("j,j...->...", pi[b], bank_tiles), W[red, cols], rtol=1e-6, atol=1e-6)
     expected: Labels = [("A", tuple(A.shape)), ("A", tuple(A[rows, red].shape)),
                         ("W", tuple(W.shape)), ("W", tuple(W[red, cols].shape)),
                         ("out", tuple(out.shape)), ("out", tuple(out[rows, cols].shape)),

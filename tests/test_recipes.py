@@ -1,5 +1,6 @@
 """DynamicConv2d in the recipes people use with nn.Conv2d: mixed precision, channels_last,
-torch.compile / export / fx / jit with any batch size, and nn.Conv2d's conventions.
+torch.compile / export / fx / jit with any batch size, and nn.Conv2d's conventions; then the
+same recipes for DynamicConv1d and DynamicConv3d.
 
 Each test builds the same small model twice, once with ``nn.Conv2d`` and once with
 ``DynamicConv2d``, or compares the layer against the per-sample loop.
@@ -16,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from dyconv_teach import DynamicConv2d
-from dyconv_teach.reference import per_sample_conv2d
+from dyconv_teach import DynamicConv1d, DynamicConv2d, DynamicConv3d
+from dyconv_teach.reference import per_sample_conv
 
 
 def model(conv: Callable[..., nn.Module]) -> nn.Sequential:
@@ -194,7 +195,7 @@ def test_padding_modes_like_conv2d(padding_mode: str, padding: Any) -> None:
         x, padding = F.pad(x, layer._reversed_padding_repeated_twice, mode=padding_mode), 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # F.conv2d on 'same' with an even kernel
-        expected = per_sample_conv2d(x, layer.bank, layer.last_attention, layer.bias, padding=padding)
+        expected = per_sample_conv(x, layer.bank, layer.last_attention, layer.bias, padding=padding)
     torch.testing.assert_close(out, expected)
 
 
@@ -209,3 +210,79 @@ def test_fuse_conv_bn_eval_does_not_apply() -> None:
     layer, bn = DynamicConv2d(8, 4, 3, num_kernels=4).eval(), nn.BatchNorm2d(4).eval()
     with pytest.raises(RuntimeError):
         torch.nn.utils.fuse_conv_bn_eval(layer, bn)  # type: ignore[arg-type]
+
+
+# -- the same recipes in 1-D and 3-D ------------------------------------------------------------
+
+LAYERS = {1: DynamicConv1d, 3: DynamicConv3d}
+CONVS = {1: nn.Conv1d, 3: nn.Conv3d}
+SIZES = {1: (20,), 3: (4, 6, 6)}  # a sequence, and a small video clip (frames, height, width)
+
+
+def model_nd(dims: int, dynamic: bool = True) -> nn.Sequential:
+    """The model above in ``dims`` spatial dimensions."""
+    conv = LAYERS[dims] if dynamic else CONVS[dims]
+    torch.manual_seed(0)
+    return nn.Sequential(CONVS[dims](3, 8, 3, padding=1), nn.ReLU(), conv(8, 16, 3, padding=1), nn.ReLU(),
+                         conv(16, 16, 3, stride=2, groups=2)).eval()
+
+
+def batch_nd(dims: int, B: int, seed: int = 0) -> Tensor:
+    return torch.randn(B, 3, *SIZES[dims], generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_autocast_in_1d_and_3d(dims: int) -> None:
+    net = model_nd(dims).train()
+    x = batch_nd(dims, 4)
+    reference = net(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+        assert out.dtype == model_nd(dims, dynamic=False)(x).dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+    out.float().square().mean().backward()
+    assert net[2].weight.grad.dtype == torch.float32
+
+
+def test_channels_last_3d() -> None:
+    net = model_nd(3)
+    x = batch_nd(3, 3)
+    expected = net(x)
+    net = net.to(memory_format=torch.channels_last_3d)
+    assert net[2].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    out = net(x.to(memory_format=torch.channels_last_3d))
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_compile_and_export_with_any_batch_in_1d_and_3d(dims: int) -> None:
+    """One inductor graph and one exported program serve every batch size, as in 2-D."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch.export import Dim, export
+
+    net = model_nd(dims)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(net, backend=counter, dynamic=True)
+    for B in (2, 3, 5):
+        x = batch_nd(dims, B, seed=B).requires_grad_()
+        out = compiled(x)
+        torch.testing.assert_close(out, net(x), rtol=1e-4, atol=1e-5)
+        out.sum().backward()
+    assert counter.frame_count == 1
+    program = export(net, (batch_nd(dims, 4),), dynamic_shapes=({0: Dim("batch")},))
+    for B in (1, 3):
+        torch.testing.assert_close(program.module()(batch_nd(dims, B)), net(batch_nd(dims, B)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_empty_and_unbatched_input_in_1d_and_3d(dims: int) -> None:
+    layer, conv = LAYERS[dims](3, 4, 3, padding=1), CONVS[dims](3, 4, 3, padding=1)
+    x = torch.randn(0, 3, *SIZES[dims], requires_grad=True)
+    out = layer(x)
+    assert out.shape == conv(x).shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    one = batch_nd(dims, 1)
+    torch.testing.assert_close(layer(one[0]), layer(one)[0])

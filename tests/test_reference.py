@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dyconv_teach.reference import blog_dynamic_conv2d, kernel_sum_conv2d, naive_conv2d, per_sample_conv2d
+from dyconv_teach.reference import blog_dynamic_conv2d, kernel_sum_conv, naive_conv2d, per_sample_conv
 
 
 def make_tensors(B: int, groups: int, has_bias: bool, seed: int = 0) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
@@ -31,7 +31,7 @@ def test_the_two_references_agree(groups: int, has_bias: bool) -> None:
     x, weight, attention, bias = make_tensors(3, groups, has_bias)
     conv = {"stride": 2, "padding": 1, "groups": groups}
     torch.testing.assert_close(
-        per_sample_conv2d(x, weight, attention, bias, **conv), kernel_sum_conv2d(x, weight, attention, bias, **conv)
+        per_sample_conv(x, weight, attention, bias, **conv), kernel_sum_conv(x, weight, attention, bias, **conv)
     )
 
 
@@ -40,7 +40,7 @@ def test_the_two_references_agree(groups: int, has_bias: bool) -> None:
 def test_blog_is_right_for_a_batch_of_one(groups: int, has_bias: bool) -> None:
     x, weight, attention, bias = make_tensors(1, groups, has_bias)
     out = blog_dynamic_conv2d(x, weight, attention, bias, padding=1, groups=groups)
-    torch.testing.assert_close(out, per_sample_conv2d(x, weight, attention, bias, padding=1, groups=groups))
+    torch.testing.assert_close(out, per_sample_conv(x, weight, attention, bias, padding=1, groups=groups))
 
 
 @pytest.mark.parametrize("B", [2, 3])
@@ -64,7 +64,7 @@ def test_blog_with_the_corrected_view_is_right_for_any_batch(groups: int) -> Non
     folded = x.view(1, -1, height, width)
     output = F.conv2d(folded, aggregate_weight, aggregate_bias, padding=1, groups=groups * batch_size)
     output = output.view(batch_size, out_planes, output.size(-2), output.size(-1))
-    torch.testing.assert_close(output, per_sample_conv2d(x, weight, attention, bias, padding=1, groups=groups))
+    torch.testing.assert_close(output, per_sample_conv(x, weight, attention, bias, padding=1, groups=groups))
 
 
 @pytest.mark.parametrize("B", [1, 2])

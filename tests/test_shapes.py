@@ -1,4 +1,4 @@
-"""dyconv_teach.shapes against real torch calls."""
+"""dyconv_teach.teaching.shapes against real torch calls."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dyconv_teach.reference import blog_dynamic_conv2d, per_sample_conv2d
-from dyconv_teach.shapes import (
+from dyconv_teach.reference import blog_dynamic_conv2d, per_sample_conv
+from dyconv_teach.teaching.shapes import (
     EXAMPLE,
     batch_kernel_shapes,
     conv2d_output_size,
@@ -126,7 +126,7 @@ def test_batch_kernel_shapes(B: int, K: int, g: int) -> None:
     assert (r.trick_call.input, r.trick_call.weight) == ((1, B * C, H, H), (B * O, C // g, k, k))
     assert r.trick_call.groups == B * g
     assert r.trick_call.output == (1, B * O, H - 2, H - 2)
-    assert r.trick_output == tuple(per_sample_conv2d(x, bank, pi, groups=g).shape) == (B, O, H - 2, H - 2)
+    assert r.trick_output == tuple(per_sample_conv(x, bank, pi, groups=g).shape) == (B, O, H - 2, H - 2)
     assert r.matches_loop is True
 
 

@@ -1,4 +1,4 @@
-"""The fused Triton kernels (dyconv_teach.triton_conv) against the per-sample loop and autograd.
+"""The fused Triton kernels (dyconv_teach.kernels.triton_conv) against the per-sample loop and autograd.
 
 Without CUDA the kernels run on CPU tensors under Triton's interpreter, which conftest.py
 switches on (TRITON_INTERPRET=1) before triton is imported.
@@ -13,11 +13,11 @@ from typing import Any, Dict, Optional, Tuple
 import pytest
 import torch
 
-from dyconv_teach.reference import per_sample_conv2d
+from dyconv_teach.reference import per_sample_conv
 
 pytest.importorskip("triton")
 
-from dyconv_teach import triton_conv as tc  # noqa: E402  (only once triton is known to be there)
+from dyconv_teach.kernels import triton_conv as tc  # noqa: E402  (only once triton is known to be there)
 
 INTERPRET = not torch.cuda.is_available()
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -71,7 +71,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: Optional[to
     """Output of the per-sample loop and, given grad_out, autograd's gradients of (x, w, a, b)."""
     stride, padding, dilation, groups = _conv_args(case)
     conv = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
-    out = per_sample_conv2d(x, w, a, b, **conv) if x.shape[0] else None
+    out = per_sample_conv(x, w, a, b, **conv) if x.shape[0] else None
     if grad_out is None or out is None:
         return (out,)
     inputs = [t for t in (x, w, a, b) if t is not None]
@@ -276,7 +276,7 @@ def test_the_package_works_without_triton() -> None:
         "import sys; sys.modules['triton'] = None\n"
         "import torch, dyconv_teach, dyconv_teach.bench\n"
         "y = dyconv_teach.DynamicConv2d(4, 6, 3)(torch.randn(2, 4, 5, 5))\n"
-        "print(tuple(y.shape), 'dyconv_teach.triton_conv' in sys.modules)"
+        "print(tuple(y.shape), 'dyconv_teach.kernels.triton_conv' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "(2, 6, 3, 3) False"

@@ -1,4 +1,4 @@
-"""dyconv_teach.widgets: the three explorers, over every setting their live sliders reach."""
+"""dyconv_teach.teaching.widgets: the three explorers, over every setting their live sliders reach."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Callable, Dict, List, Tuple
 
 import pytest
 
-from dyconv_teach import widgets
-from dyconv_teach.explain import groups_problem
-from dyconv_teach.explorer import Explorer
-from dyconv_teach.shapes import EXAMPLE, batch_kernel_shapes, grouped_conv_shapes, static_conv_shapes
-from dyconv_teach.widgets import batch_kernel_explorer, grouped_conv_explorer, static_conv_explorer
+from dyconv_teach.teaching import widgets
+from dyconv_teach.teaching.explain import groups_problem
+from dyconv_teach.teaching.explorer import Explorer
+from dyconv_teach.teaching.shapes import EXAMPLE, batch_kernel_shapes, grouped_conv_shapes, static_conv_shapes
+from dyconv_teach.teaching.widgets import batch_kernel_explorer, grouped_conv_explorer, static_conv_explorer
 
 EXPLORERS: Dict[str, Callable[[], Explorer]] = {
     "static": static_conv_explorer,

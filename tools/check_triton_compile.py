@@ -3,7 +3,7 @@
     python tools/check_triton_compile.py           # every tile the autotuner would try, 4 dtypes, 3 layers
     python tools/check_triton_compile.py --quick   # one layer, bfloat16 and float32, a few tiles
 
-Collects the kernel launches that ``dyconv_teach.triton_conv`` makes for one forward and one
+Collects the kernel launches that ``dyconv_teach.kernels.triton_conv`` makes for one forward and one
 full backward of a few ResNet-like layers (K = 4, 3x3), compiles each with every config the
 autotuner would try there, for sm_90a (H100/H200) with the ptxas bundled in the triton wheel,
 and prints per config: registers per thread, local memory per thread (register spills) and
@@ -28,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dyconv_teach import triton_conv as tc
+from dyconv_teach.kernels import triton_conv as tc
 
 LAYERS = [(64, 56, 1), (128, 56, 2), (512, 7, 1)]  # (C = O, H = W, stride)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -36,35 +36,27 @@ POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
                  torch.int32: "i32"}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
-Launch = Tuple[str, Tuple[Any, ...], Dict[str, Any]]
-
-
-def collect_launches(channels: int, size: int, stride: int, dtype: torch.dtype) -> List[Launch]:
+def collect_launches(channels: int, size: int, stride: int, dtype: torch.dtype) -> List[tc.Launch]:
     """(kernel name, arguments, constexprs) of the launches of one forward and one backward."""
-    launches: List[Launch] = []
-    run = tc._launch
-    tc._launch = lambda name, grid, args, constexprs: launches.append((name, tuple(args), constexprs))
-    try:
+    with tc.record_launches() as launches:
         x = torch.randn(2, channels, size, size, dtype=dtype)
         weight = torch.randn(4, channels, channels, 3, 3, dtype=dtype)
         attention, bias = torch.randn(2, 4, dtype=dtype), torch.randn(4, channels, dtype=dtype)
         conv = ((stride, stride), (1, 1), (1, 1), 1)
         out = tc.fused_forward(x, weight, attention, bias, *conv)
         tc.fused_backward(torch.randn_like(out), x, weight, attention, bias, *conv, (True, True, True, True))
-    finally:
-        tc._launch = run
     return launches
 
 
 def configs_to_try(name: str, args: Tuple[Any, ...]) -> List[triton.Config]:
     """The configs the autotuner keeps for these arguments (its early pruning)."""
-    tuned = tc._TUNED[name]
+    tuned = tc.KERNELS[name].tuned
     return tuned.early_config_prune(tuned.configs, dict(zip(tuned.arg_names, args)))
 
 
 def compile_config(name: str, args: Tuple[Any, ...], constexprs: Dict[str, Any], config: triton.Config,
                    arch: int) -> Any:
-    kernel = tc._RAW[name]
+    kernel = tc.KERNELS[name].jit
     constants = {**constexprs, **config.kwargs}
     signature, attrs = {}, {}
     values = dict(zip(kernel.arg_names, args))
@@ -78,7 +70,7 @@ def compile_config(name: str, args: Tuple[Any, ...], constexprs: Dict[str, Any],
             attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
         else:
             signature[arg] = "i32"
-            if arg not in tc._GEOMETRY and value % 16 == 0:
+            if arg not in tc.GEOMETRY_ARGS and value % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(kernel, signature, {k: constants[k] for k in kernel.arg_names if k in constants}, attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -101,7 +93,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one layer, bfloat16 and float32, a few tiles")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (default 90: H100/H200)")
     options = parser.parse_args()
-    if tc._INTERPRETED:
+    if tc.INTERPRETED:
         print("TRITON_INTERPRET is set: nothing would be compiled", file=sys.stderr)
         return 2
     layers = LAYERS[:1] if options.quick else LAYERS

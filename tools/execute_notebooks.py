@@ -29,7 +29,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import nbformat  # noqa: E402
 from nbclient import NotebookClient  # noqa: E402
 
-from dyconv_teach.explorer import DATA_PATTERN, STORED_DATA  # noqa: E402
+from dyconv_teach.teaching.explorer import DATA_PATTERN, STORED_DATA  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dyconv_teach import DynamicConv2d, bench, dynamic_conv2d  # noqa: E402
 from dyconv_teach.functional import STRATEGY_NAMES  # noqa: E402
-from dyconv_teach.reference import per_sample_conv2d  # noqa: E402
+from dyconv_teach.reference import per_sample_conv  # noqa: E402
 from dyconv_teach.strategies import STRATEGIES  # noqa: E402
 
 ROWS: List[Dict[str, Any]] = []
@@ -106,7 +106,7 @@ def correctness() -> None:
                 if channels_last:
                     args[0] = args[0].detach().to(memory_format=torch.channels_last).requires_grad_()
                 out = dynamic_conv2d(*args, groups=g, **conv, strategy=strategy)
-                ref = per_sample_conv2d(*args, groups=g, **conv)
+                ref = per_sample_conv(*args, groups=g, **conv)
                 grad = torch.randn_like(ref)
                 got = torch.autograd.grad(out, args, grad)
                 want = torch.autograd.grad(ref, args, grad)
@@ -180,7 +180,7 @@ def fused_detail() -> None:
     if "fused" not in STRATEGY_NAMES or not runs_here("fused"):
         record("fused_detail", skipped="no triton, or no CUDA and no interpreter")
         return
-    from dyconv_teach import triton_conv as tc
+    from dyconv_teach.kernels import triton_conv as tc
 
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
@@ -228,7 +228,7 @@ def fused_detail() -> None:
                 "static_backward": ms(call(torch.ops.aten.convolution_backward, grad, x, w[0], [C], [1, 1], [1, 1],
                                            [1, 1], False, [0, 0], 1, [True, True, True])),
             }
-            tiles = {name: str(getattr(tc._TUNED[name], "best_config", None)) for name in tc._TUNED}
+            tiles = tc.chosen_tiles()
             record("fused_kernels_bf16", C=C, HW=HW, B=B, ms={k: round(v, 4) for k, v in times.items()}, tiles=tiles)
 
 

@@ -22,7 +22,7 @@ ARCHIVE = "dyconv-book.zip"
 FOLDER = "dyconv-book"
 FILES = ["README.md", "pyproject.toml", "requirements.txt", "tools/gpu_check.py"]
 # book/data: the GPU measurements chapters 8 and 9 read; tools/gpu_check.py re-measures them.
-PATTERNS = ["book/*.ipynb", "book/data/*", "dyconv_teach/*.py"]
+PATTERNS = ["book/*.ipynb", "book/data/*", "dyconv_teach/**/*.py"]
 HOW_TO_RUN = """\
 # How to run the book's chapters
 

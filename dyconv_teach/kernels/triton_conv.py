@@ -1,7 +1,8 @@
 r"""Fused dynamic convolution in Triton: the per-sample kernels are never written to memory.
 
-Needs the ``gpu`` extra (``pip install .[gpu]``, i.e. Triton). Nothing else in
-``dyconv_teach`` imports this module. The kernels run on CUDA tensors, and
+Needs the ``gpu`` extra (``pip install .[gpu]``, i.e. Triton). The core imports this
+module only when the ``fused`` strategy runs (:mod:`dyconv_teach.strategies`); the
+kernels are 2-D only. They run on CUDA tensors, and
 on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 triton is first imported), which is how the tests check them without a GPU;
 the interpreter uses fixed small tiles (``_INTERPRETER_META``).
@@ -96,8 +97,9 @@ layout the kernels read, ``[K, kH*kW, C/g, O]`` (output channel fastest).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -106,9 +108,10 @@ import triton.testing
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from ._utils import check_conv_args, check_output_hw, check_tensors, memory_format, pair
+from .._utils import check_conv_args, check_output_shape, check_tensors, memory_format, ntuple
 
-__all__ = ["fused_forward", "fused_backward"]
+__all__ = ["fused_forward", "fused_backward", "mixed_step", "Kernel", "KERNELS", "GEOMETRY_ARGS", "INTERPRETED", "Launch",
+           "record_launches", "chosen_tiles"]
 
 Pair = Tuple[int, int]
 
@@ -129,11 +132,11 @@ def _program_tile(N_SIZE, M_SIZE, PHASES, GROUPS, BLOCK_N: tl.constexpr, BLOCK_M
 
 
 @triton.jit
-def _mixed_step(
+def mixed_step(
     acc0, acc1, a0_ptrs, a1_ptrs, a0_mask, a1_mask, w_ptrs, w_mask, bank_stride, pi_ptr, b0, ok0, ok1,
     NK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, SAMPLES: tl.constexpr,
 ):
-    """One reduction chunk for samples b0 (and b0 + 1): mix the weight tile
+    """One reduction chunk for sample b0 and, with two samples a program, b0 + 1. Mix the weight tile
     ``sum_j pi[b, j] * bank_j`` from the K bank tiles at ``w_ptrs + j * bank_stride``
     (loaded once for both samples), round it to the input dtype, and add
     ``A_b @ W_b`` to ``acc`` with the A tile at ``a_ptrs``."""
@@ -156,14 +159,15 @@ def _mixed_step(
 # Sizes that vary from layer to layer are not specialised on (divisibility by 16, equality
 # to 1), so that the layers of a network share compiled kernels; channel counts and
 # strides are, since they decide how wide the loads can be.
-_GEOMETRY = ["B", "H", "W", "OH", "OW", "HQ", "WQ", "M_SIZE", "GROUPS", "CHUNK", "KW", "NTAPS",
-             "SH", "SW", "PH", "PW", "DH", "DW"]
+#: The integer arguments of the kernels that Triton does not specialise on.
+GEOMETRY_ARGS = ("B", "H", "W", "OH", "OW", "HQ", "WQ", "M_SIZE", "GROUPS", "CHUNK", "KW", "NTAPS",
+                 "SH", "SW", "PH", "PW", "DH", "DW")
 
 
 def _jit(fn: Any) -> Any:
     """``triton.jit`` without specialisation on the geometry arguments that ``fn`` has."""
     names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
-    return triton.jit(fn, do_not_specialize=[n for n in _GEOMETRY if n in names])
+    return triton.jit(fn, do_not_specialize=[n for n in GEOMETRY_ARGS if n in names])
 
 
 @_jit
@@ -211,7 +215,7 @@ def _forward_kernel(
         a_off = (ih * sxh + iw * sxw)[:, None] + ((gi * CG + c) * sxc)[None, :]
         # Weight tile W_b[c, o] of this tap.
         w_ptrs = bank_ptr + tap * (CG * O) + c[:, None] * O + o[None, :]
-        acc0, acc1 = _mixed_step(
+        acc0, acc1 = mixed_step(
             acc0, acc1, x0 + a_off, x1 + a_off, (m_ok0 & inside)[:, None] & c_ok[None, :],
             (m_ok1 & inside)[:, None] & c_ok[None, :], w_ptrs, c_ok[:, None] & n_ok[None, :], NTAPS * CG * O,
             pi_ptr, b0, ok0, ok1, NK, ACC, DOT, PREC, SAMPLES)
@@ -272,7 +276,7 @@ def _input_grad_kernel(
         a_off = (oh * sgh + ow * sgw)[:, None] + (o * sgc)[None, :]
         # Weight tile W_b[o, c] of this tap (the forward's tile, transposed).
         w_ptrs = bank_ptr + tap * (CG * O) + n[None, :] * O + o[:, None]
-        acc0, acc1 = _mixed_step(
+        acc0, acc1 = mixed_step(
             acc0, acc1, g0 + a_off, g1 + a_off, (m_ok0 & inside)[:, None] & o_ok[None, :],
             (m_ok1 & inside)[:, None] & o_ok[None, :], w_ptrs, o_ok[:, None] & n_ok[None, :], NTAPS * CG * O,
             pi_ptr, b0, ok0, ok1, NK, ACC, DOT, PREC, SAMPLES)
@@ -367,7 +371,8 @@ def _bank_grad_kernel(
 
 # --------------------------------------------------------------------------- launch configurations
 
-_INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)
+#: True when Triton runs the kernels in its interpreter (``TRITON_INTERPRET=1``, CPU tensors).
+INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)
 
 # Meta-parameters under the interpreter (CPU tensors): small tiles, so that the
 # tests' small shapes span several tiles, reduction chunks and sample pairs.
@@ -454,14 +459,50 @@ _TUNED = {
 _RAW = {"forward": _forward_kernel, "input_grad": _input_grad_kernel, "bank_grad": _bank_grad_kernel}
 
 
+class Kernel(NamedTuple):
+    """One of the three kernels: the ``triton.jit`` function and its autotuned wrapper."""
+
+    jit: Any
+    tuned: Any
+
+
+#: The three kernels (``forward``, ``input_grad`` and ``bank_grad``) by name.
+KERNELS: Dict[str, Kernel] = {name: Kernel(_RAW[name], _TUNED[name]) for name in _RAW}
+
+#: A launch as recorded by :func:`record_launches`, ``(kernel name, arguments in order, constexprs)``
+#: (the constexprs without the tile's).
+Launch = Tuple[str, Tuple[Any, ...], Dict[str, Any]]
+_recording: Optional[List[Launch]] = None
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[List[Launch]]:
+    """Within this context the kernels do not run: each launch is appended to the yielded list
+    instead (outputs stay uninitialised). ``tools/check_triton_compile.py`` compiles what it
+    collects for a GPU the machine does not have."""
+    global _recording
+    _recording, previous = [], _recording
+    try:
+        yield _recording
+    finally:
+        _recording = previous
+
+
+def chosen_tiles() -> Dict[str, str]:
+    """The tile the autotuner chose last, per kernel (``'None'`` before any tuned launch)."""
+    return {name: str(getattr(kernel.tuned, "best_config", None)) for name, kernel in KERNELS.items()}
+
+
 def _launch(name: str, grid: Any, args: Sequence[Any], constexprs: Dict[str, Any]) -> None:
-    """Run kernel ``name``: autotuned when compiled, with the fixed small tiles under the interpreter.
-    (tools/check_triton_compile.py replaces this function to collect the launches.)"""
+    """Run kernel ``name``: autotuned when compiled, with the fixed small tiles under the interpreter."""
+    if _recording is not None:
+        _recording.append((name, tuple(args), constexprs))
+        return
     device = args[0].device
-    if device.type != "cuda" and not _INTERPRETED:
+    if device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"the tensors are on {device}: the fused kernels run on CUDA tensors, or on CPU tensors "
                          f"under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)")
-    if _INTERPRETED:
+    if INTERPRETED:
         _RAW[name][grid](*args, **constexprs, **_INTERPRETER_META[name])
     else:
         _TUNED[name][grid](*args, **constexprs)
@@ -470,7 +511,7 @@ def _launch(name: str, grid: Any, args: Sequence[Any], constexprs: Dict[str, Any
 def _bank_grad_tiles(s: "_Conv", largest: bool) -> int:
     """How many (o, r, group) tiles the bank-gradient kernel has with its smallest tiles (the
     attention partials need one slot each) or its largest (to choose the batch chunks)."""
-    if _INTERPRETED:
+    if INTERPRETED:
         sizes = [(_INTERPRETER_META["bank_grad"]["BLOCK_O"], _INTERPRETER_META["bank_grad"]["BLOCK_R"])]
     else:
         sizes = [(t[0], t[1]) for t in _BANK_GRAD_TILES]
@@ -514,10 +555,10 @@ def _check(
     if isinstance(padding, str):
         raise ValueError(f"padding must be an int or a pair of ints (the caller resolves {padding!r}), got {padding!r}")
     if x.dim() == 4 and weight.dim() == 5:
-        check_conv_args(x.shape[1], weight.shape[1], groups, stride, padding, dilation)
-    stride_ = pair("stride", stride, 1)
-    padding_ = pair("padding", padding, 0)
-    dilation_ = pair("dilation", dilation, 1)
+        check_conv_args(2, x.shape[1], weight.shape[1], groups, stride, padding, dilation)
+    stride_ = ntuple("stride", stride, 2, 1)
+    padding_ = ntuple("padding", padding, 2, 0)
+    dilation_ = ntuple("dilation", dilation, 2, 1)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [B, C, H, W], got {x.dim()}-D input of shape {tuple(x.shape)}")
     check_tensors(x, weight, attention, bias, groups)
@@ -527,8 +568,8 @@ def _check(
         raise ValueError(f"weight {tuple(weight.shape)} must have every dimension >= 1")
     B, C, H, W = x.shape
     K, O, CG, KH, KW = weight.shape
-    OH, OW = check_output_hw(x, weight, stride_, padding_, dilation_)
-    return _Conv(B, C, H, W, K, O, CG, O // groups, KH, KW, OH, OW, stride_, padding_, dilation_, groups)
+    OH, OW = check_output_shape(x, weight, stride_, padding_, dilation_)
+    return _Conv(B, C, H, W, K, O, CG, O // groups, KH, KW, OH, OW, stride_, padding_, dilation_, groups)  # type: ignore[arg-type]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -538,7 +579,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _precision(x: Tensor) -> Dict[str, Any]:
     """The kernels' dtype constexprs: accumulator, ``tl.dot`` operands, ``tl.dot`` input precision."""
     dot = _TL_DTYPES[x.dtype]
-    if _INTERPRETED and x.dtype == torch.bfloat16:
+    if INTERPRETED and x.dtype == torch.bfloat16:
         # The interpreter's tl.dot multiplies bfloat16 bit patterns (it holds them as
         # uint16); float32 operands give the same products exactly.
         dot = tl.float32

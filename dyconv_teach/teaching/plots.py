@@ -2,7 +2,7 @@
 
 - :func:`draw_dynamic_convolution`: dynamic convolution itself, after Figure 3 of
   Chen et al. (CVPR 2020), with every box labelled by the shape of the tensor a
-  real :class:`~dyconv_teach.DynamicConv2d` forward makes there.
+  real :class:`~dyconv_teach.layers.DynamicConv2d` forward makes there.
 - :func:`draw_channel_layouts`: which sample's channels and kernels land where in
   ``x.reshape(1, B*C, H, W)``, in the blog post's weight ``[O, B*C/g, k, k]`` and
   in the correct ``[B*O, C/g, k, k]``, read off reshaped tensors.
@@ -17,7 +17,7 @@ Notation: ``k`` is the kernel size; the bank ``Theta`` ``[K, O, C/g, k, k]`` hol
 the K kernels ``Theta_j``; sample ``b``'s mixed kernel is
 ``Theta~_b = sum_j pi[b, j] Theta_j``. Every function returns a figure already
 closed in pyplot: a notebook cell shows it exactly once when it returns or
-displays it, and ``fig = draw_...()`` shows nothing; :mod:`dyconv_teach.explorer`
+displays it, and ``fig = draw_...()`` shows nothing; :mod:`dyconv_teach.teaching.explorer`
 saves it as SVG.
 """
 
@@ -35,8 +35,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Rectangle
 from torch import Tensor
 
+from ..layers import DynamicConv2d
 from .explain import BLOG_VIEW, conv2d_problem
-from .layers import DynamicConv2d
 from .shapes import Shape, shape_text
 
 __all__ = ["draw_dynamic_convolution", "draw_channel_layouts", "draw_group_wiring", "draw_batch_as_groups",
@@ -332,7 +332,7 @@ def draw_batch_as_groups(B: int, C: int, O: int, g: int = 1) -> Figure:
     sample of ``B*C`` channels in ``B*g`` groups; the groups of sample ``b`` meet
     only its mixed kernels ``Theta~_b``, and the ``B*O`` outputs view back to
     ``[B, O, H', W']``. Colors mark samples; ``#i`` marks group ``i`` of a sample.
-    A batch larger than :data:`MAX_DRAWN_SAMPLES` draws its first samples, an
+    A batch larger than ``MAX_DRAWN_SAMPLES`` draws its first samples, an
     ellipsis and its last sample.
 
     Raises:

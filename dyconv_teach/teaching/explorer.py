@@ -51,6 +51,7 @@ __all__ = [
     "svg_image",
 ]
 
+#: An explorer's rendered view, HTML fragments by the name of the slot each fills.
 Fragments = Dict[str, str]
 
 #: What a fallback whose script has not run says, above its menus.
@@ -294,6 +295,7 @@ def table(rows: Iterable[Tuple[str, str, str]]) -> str:
 
 
 def caption(text: str) -> str:
+    """``text`` as the bold caption above a table or figure."""
     return f'<p class="dyconv-caption"><b>{_esc(text)}</b></p>'
 
 
@@ -311,6 +313,7 @@ def formula(*lines: str) -> str:
 
 
 def note(text: str) -> str:
+    """``text`` as a boxed note (no shape in it breaks across lines)."""
     return f'<div class="dyconv-note"><p>{_prose(text)}</p></div>'
 
 

@@ -1,4 +1,4 @@
-"""The book's three explorers, built on :mod:`dyconv_teach.explorer`.
+"""The book's three explorers, built on :mod:`dyconv_teach.teaching.explorer`.
 
 - :func:`static_conv_explorer` (chapter 2): the shapes of one ``F.conv2d`` call.
 - :func:`grouped_conv_explorer` (chapter 3): grouped convolution and its wiring.
@@ -6,8 +6,8 @@
   the mix of the K kernels to the batch-as-groups call.
 
 Each render function takes one setting of the explorer's controls, runs the real
-torch calls of :mod:`dyconv_teach.shapes` and returns HTML fragments; every error
-it shows comes with the sentence of :mod:`dyconv_teach.explain` that explains it.
+torch calls of :mod:`dyconv_teach.teaching.shapes` and returns HTML fragments; every error
+it shows comes with the sentence of :mod:`dyconv_teach.teaching.explain` that explains it.
 Every setting the live sliders reach is checked the same way as the static grid.
 """
 
@@ -33,7 +33,7 @@ __all__ = ["static_conv_explorer", "grouped_conv_explorer", "batch_kernel_explor
 def _explained(why: Optional[str], message: str) -> str:
     """The sentence for an error torch raised; no sentence means the explanation and torch disagree."""
     if why is None:
-        raise AssertionError(f"torch raised {message!r} where dyconv_teach.explain finds nothing wrong")
+        raise AssertionError(f"torch raised {message!r} where dyconv_teach.teaching.explain finds nothing wrong")
     return why
 
 

@@ -34,10 +34,10 @@ class Symbols:
     groups: str
 
 
-#: The first thing everyone tries: ``F.conv2d(x, weight)`` with one kernel set per sample, a 5-D weight.
+#: The first thing everyone tries, ``F.conv2d(x, weight)`` with one kernel set per sample (a 5-D weight).
 NAIVE_5D = Symbols(("B", "C", "H", "W"), ("B", "O", "C/g", "k", "k"), "g")
 
-#: The blog post's call: ``x.view(1, -1, H, W)`` and the weight ``.view(O, -1, k, k)``, ``groups = g*B``.
+#: The blog post's call, ``x.view(1, -1, H, W)`` and the weight ``.view(O, -1, k, k)``, ``groups = g*B``.
 BLOG_VIEW = Symbols(("1", "B*C", "H", "W"), ("O", "B*C/g", "k", "k"), "g*B")
 
 

@@ -1,6 +1,6 @@
 """Shape bookkeeping for the book: every shape here comes from a real torch call.
 
-The three explorers of :mod:`dyconv_teach.widgets` only render what these plain
+The three explorers of :mod:`dyconv_teach.teaching.widgets` only render what these plain
 functions return, so the tests and the notebooks can call them directly:
 
 - :func:`static_conv_shapes`: one ``F.conv2d`` call, and the output-size formula.
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ._utils import output_size
-from .reference import blog_dynamic_conv2d, naive_conv2d, per_sample_conv2d
-from .strategies import batch_as_groups_forward
+from .._utils import output_size
+from ..functional import dynamic_conv2d
+from ..reference import blog_dynamic_conv2d, naive_conv2d, per_sample_conv
 
 __all__ = [
     "Shape",
@@ -45,6 +45,7 @@ __all__ = [
     "batch_kernel_shapes",
 ]
 
+#: A tensor's shape as a tuple of ints.
 Shape = Tuple[int, ...]
 
 
@@ -182,7 +183,7 @@ class GroupedConvShapes:
     weight: Optional[Shape]  # [O, C/g, k, k]; None when g does not divide C and O
     output: Optional[Shape]
     error: Optional[str]  # nn.Conv2d's message when g does not divide C or O
-    #: per group: (input channels, output channels), as ``range``s; empty on error
+    #: For each group, its input and its output channels as two ``range`` objects (empty on error).
     split: Tuple[Tuple[range, range], ...] = field(default=())
     params: int = 0  # weight entries of this layer, O * C/g * k * k
     params_dense: int = 0  # the same layer with g = 1, O * C * k * k
@@ -267,11 +268,9 @@ def batch_kernel_shapes(
         except RuntimeError as exc:
             blog_error = str(exc)
 
-    # The strategy itself, not dynamic_conv2d: inside the core's custom operator the
-    # recorder would not see the F.conv2d call.
     with record_conv2d_calls() as trick:
-        out, _ = batch_as_groups_forward(x, bank, pi, None, (1, 1), (0, 0), (1, 1), g)
-    loop: Tensor = per_sample_conv2d(x, bank, pi, groups=g)
+        out = dynamic_conv2d(x, bank, pi, groups=g, strategy="batch_as_groups")
+    loop: Tensor = per_sample_conv(x, bank, pi, groups=g)
 
     return BatchKernelShapes(
         x=tuple(x.shape),

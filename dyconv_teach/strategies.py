@@ -29,7 +29,7 @@ for any per-sample kernels ``[B, O, C/g, *kernel]``, however they were built.
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -208,11 +208,12 @@ def per_sample(
 ) -> Tensor:
     """Mix every sample's kernel, then one ordinary convolution per sample."""
     conv = CONV[x.dim() - 2]
-    kernels = mix(weight, attention)
-    biases: List[Optional[Tensor]] = [None] * x.shape[0] if bias is None else list(torch.mm(attention, bias))
-    outs = [
-        conv(x[b : b + 1], kernels[b], biases[b], stride, padding, dilation, groups) for b in range(x.shape[0])
-    ]
+    # split/unbind, not indexing: their backward joins the B gradients in one copy, where each
+    # x[b] or kernels[b] would make a zero tensor of the whole batch's size for its gradient.
+    kernels = mix(weight, attention).unbind(0)
+    biases: Sequence[Optional[Tensor]] = [None] * x.shape[0] if bias is None else torch.mm(attention, bias).unbind(0)
+    outs = [conv(x_b, k_b, b_b, stride, padding, dilation, groups)
+            for x_b, k_b, b_b in zip(x.split(1), kernels, biases)]
     return like_input(torch.cat(outs), x)
 
 

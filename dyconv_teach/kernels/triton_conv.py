@@ -110,8 +110,8 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from .._utils import check_conv_args, check_output_shape, check_tensors, memory_format, ntuple
 
-__all__ = ["fused_forward", "fused_backward", "mixed_step", "Kernel", "KERNELS", "GEOMETRY_ARGS", "INTERPRETED", "Launch",
-           "record_launches", "chosen_tiles"]
+__all__ = ["fused_forward", "fused_backward", "mixed_step", "Kernel", "KERNELS", "GEOMETRY_ARGS", "INTERPRETED",
+           "Launch", "record_launches", "chosen_tiles"]
 
 Pair = Tuple[int, int]
 

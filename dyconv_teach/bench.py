@@ -1,28 +1,32 @@
-"""What dynamic convolution costs: forward+backward time and memory against a static conv.
+"""What dynamic convolution costs: forward+backward time and memory against a static conv and the peers' code.
 
 Run ``python -m dyconv_teach.bench`` (``--help`` for the options). For every cell of
 the sweep (``C = O`` channels at ``H x W``, batch ``B``, ``K`` kernels of 3x3,
-padding 1) it times forward+backward of every entry of :data:`STRATEGIES` and prints
-each one's time divided by the static ``F.conv2d`` of the same shape, measured in the
-same run; then the memory each strategy allocates. ``--device cuda`` runs the sweep on
-a GPU and then one training step of a ResNet-18 whose 3x3 convolutions are dynamic
-(:func:`resnet18`), against the static network, in float32 and under bfloat16 autocast.
+padding 1) it times forward+backward of every entry of :data:`STRATEGIES`: the static
+``F.conv2d`` of the same shape (the baseline), the core, each of its strategies forced,
+and the peers, dynamic convolution as other code writes it (:data:`PEERS`). It prints
+each entry's time divided by the static convolution's, measured in the same round, as
+the median over the rounds and its spread; then the memory each entry allocates.
+``--device cuda`` runs the sweep on a GPU and then one training step of a ResNet-18 whose
+3x3 convolutions are dynamic (:func:`resnet18`), against the static network, in float32
+and under bfloat16 autocast.
 
-The pieces are reusable (a chapter on cost imports them instead of re-writing timing
+Rounds: every round runs each entry once, in an order rotated by one place per round, so
+each entry follows each other as often (on a CPU the call that follows another is slowed
+by what that one left in the caches and the allocator: up to 40% on small layers).
+
+The pieces are reusable (the chapter on cost imports them instead of re-writing timing
 code):
 
 - :data:`STRATEGIES`: name -> callable with :func:`~dyconv_teach.functional.dynamic_conv2d`'s
-  signature, the static baseline first, then the core (which picks a strategy per shape),
-  every strategy it can run, forced, and the per-sample loop;
+  signature, the static baseline first, then the core, every strategy it can run, forced,
+  and the peers;
 - :func:`make_inputs`: the four tensors of one cell, all requiring grad;
-- :func:`time_forward_backward`: the minimum seconds of forward+backward over repeats;
+- :func:`time_rounds`: the per-round times of several entries, in rotated order;
+- :func:`time_forward_backward`: the median seconds of forward+backward of one entry;
 - :func:`peak_memory_forward_backward`: bytes allocated at the peak of forward+backward;
-- :func:`per_sample_weight_bytes`: the size of the ``[B*O, C/g, kH, kW]`` mixed weight;
 - :func:`run_sweep` and :func:`format_report`: the sweep as :class:`Cell` rows, and its tables;
 - :func:`resnet18` and :func:`time_train_step`: the whole-network measurement.
-
-On a machine shared with other work, wall-clock ratios move from run to run; run
-twice, or pass ``--cpu-time``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import functools
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -48,15 +53,21 @@ from .functional import dynamic_conv2d
 from .layers import DynamicConv2d
 from .reference import per_sample_conv
 from .strategies import STRATEGIES as CORE_STRATEGIES
+from .strategies import mixed_weight_bytes
 
 __all__ = [
     "STRATEGIES",
+    "PEERS",
+    "BASELINE",
+    "CORE",
     "Cell",
     "static_conv2d",
+    "grouped_trick_conv2d",
+    "vmap_conv2d",
     "make_inputs",
+    "time_rounds",
     "time_forward_backward",
     "peak_memory_forward_backward",
-    "per_sample_weight_bytes",
     "strategies_for",
     "run_sweep",
     "format_report",
@@ -77,22 +88,61 @@ def static_conv2d(
     return F.conv2d(x, weight[0], None if bias is None else bias[0], **conv)  # type: ignore[arg-type]
 
 
-#: Name -> callable with the signature of :func:`~dyconv_teach.functional.dynamic_conv2d`. The first entry is
-#: the static baseline every ratio is taken against; the second is the core, which
-#: picks one of the strategies that follow it per shape and device.
-STRATEGIES: Dict[str, DynamicConvFn] = {
-    "static conv": static_conv2d,
-    "dynamic_conv2d": dynamic_conv2d,
-    **{name: functools.partial(dynamic_conv2d, strategy=name) for name in CORE_STRATEGIES},
+def grouped_trick_conv2d(
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, stride: IntOrTuple = 1,
+    padding: IntOrTuple = 0, dilation: IntOrTuple = 1, groups: int = 1,
+) -> Tensor:
+    """A peer: the batch-as-groups trick as timm's ``CondConv2d``, the blog posts and ODConv
+    write it (their forward, line for line, after the routing): one matrix product mixes the
+    kernels, one grouped ``F.conv2d`` runs the batch, autograd does the rest."""
+    B, C, H, W = x.shape
+    K, O = weight.shape[:2]
+    aggregate_weight = torch.matmul(attention, weight.reshape(K, -1)).view(B * O, C // groups, *weight.shape[3:])
+    aggregate_bias = None if bias is None else torch.matmul(attention, bias).view(B * O)
+    out = F.conv2d(x.reshape(1, B * C, H, W), aggregate_weight, aggregate_bias, stride, padding, dilation,
+                   groups * B)  # type: ignore[arg-type]
+    return out.view(B, O, out.shape[-2], out.shape[-1])
+
+
+def vmap_conv2d(
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[ConvOptions]
+) -> Tensor:
+    """A peer: mix the kernels with one product, then ``torch.func.vmap`` of a one-sample
+    ``F.conv2d`` over the batch."""
+    K = weight.shape[0]
+    kernels = torch.matmul(attention, weight.reshape(K, -1)).view(attention.shape[0], *weight.shape[1:])
+
+    def one(x_b: Tensor, w_b: Tensor, b_b: Optional[Tensor]) -> Tensor:
+        return F.conv2d(x_b[None], w_b, b_b, **conv)[0]  # type: ignore[arg-type]
+
+    if bias is None:
+        return torch.func.vmap(lambda x_b, w_b: one(x_b, w_b, None))(x, kernels)
+    return torch.func.vmap(one)(x, kernels, torch.matmul(attention, bias))
+
+
+#: The peers: dynamic convolution as other code computes it, each with the core's signature.
+PEERS: Dict[str, DynamicConvFn] = {
+    "grouped trick": grouped_trick_conv2d,  # type: ignore[dict-item]
     "per-sample loop": per_sample_conv,
+    "vmap": vmap_conv2d,
 }
 BASELINE = "static conv"
 CORE = "dynamic_conv2d"
+#: Name -> callable with the signature of :func:`~dyconv_teach.functional.dynamic_conv2d`. The first entry is
+#: the static baseline every ratio is taken against; the second is the core, which picks one of
+#: the strategies that follow it per shape and device; the peers come last.
+STRATEGIES: Dict[str, DynamicConvFn] = {
+    BASELINE: static_conv2d,
+    CORE: dynamic_conv2d,
+    **{name: functools.partial(dynamic_conv2d, strategy=name) for name in CORE_STRATEGIES},
+    **PEERS,
+}
 
 
 def strategies_for(device: str) -> Dict[str, DynamicConvFn]:
     """The entries of :data:`STRATEGIES` that run on ``device`` (the fused kernels need CUDA)."""
     return {n: fn for n, fn in STRATEGIES.items() if n not in CORE_STRATEGIES or device in CORE_STRATEGIES[n].devices}
+
 
 #: (C = O, H = W) of the full sweep, and its batch sizes (per device).
 SWEEP_CELLS: Tuple[Tuple[int, int], ...] = ((32, 56), (64, 28), (128, 14), (256, 7))
@@ -100,6 +150,9 @@ SWEEP_BATCHES: Dict[str, Tuple[int, ...]] = {"cpu": (1, 32), "cuda": (1, 32, 128
 #: A tiny sweep for smoke tests.
 QUICK_CELLS: Tuple[Tuple[int, int], ...] = ((8, 8),)
 QUICK_BATCHES: Tuple[int, ...] = (1, 4)
+#: A gap smaller than this (10%) between two entries is within what repeated runs of the same
+#: code move on the machines measured; the report flags the core only past it.
+NOISE = 0.10
 
 
 def make_inputs(
@@ -144,35 +197,45 @@ def _forward_backward(fn: DynamicConvFn, args: Sequence[Tensor], conv: ConvOptio
     out.backward(torch.ones_like(out))
 
 
-def time_forward_backward(
-    fn: DynamicConvFn,
-    *args: Tensor,
-    repeats: int = 5,
-    warmup: int = 1,
+def time_rounds(
+    fns: Dict[str, DynamicConvFn],
+    args: Sequence[Tensor],
+    rounds: int = 7,
     timer: Callable[[], float] = time.perf_counter,
     **conv: Unpack[ConvOptions],
-) -> float:
-    """Seconds one forward+backward of ``fn(*args, **conv)`` takes: the MINIMUM over ``repeats``.
+) -> Dict[str, List[float]]:
+    """Seconds of one forward+backward of each entry of ``fns`` in each of ``rounds`` rounds.
 
-    The minimum is the run least disturbed by other work on the machine. ``warmup``
-    untimed runs come first (oneDNN and cuDNN choose their kernels on the first call of a
-    shape). Gradients are cleared before each run, and backward starts from
-    ``ones_like(out)``. ``timer`` is wall clock by default; ``time.process_time`` counts
-    this process's CPU seconds instead (all threads, spinning included). On a GPU the
-    interval is taken between two synchronisations.
+    One untimed pass of each first (oneDNN and cuDNN choose their kernels on the first call of
+    a shape); then round ``r`` runs the entries in their order rotated by ``r`` places, so that
+    each entry comes after each other one equally often. Gradients are cleared before each
+    pass and backward starts from ``ones_like(out)``. ``timer`` is wall clock by default;
+    ``time.process_time`` counts this process's CPU seconds instead (all threads, spinning
+    included). On a GPU each interval is taken between two synchronisations.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        _forward_backward(fn, args, conv)
-    times = []
-    for _ in range(repeats):
-        _synchronize(args)
-        start = timer()
-        _forward_backward(fn, args, conv)
-        _synchronize(args)
-        times.append(timer() - start)
-    return min(times)
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    names = list(fns)
+    for name in names:
+        _forward_backward(fns[name], args, conv)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            _synchronize(args)
+            start = timer()
+            _forward_backward(fns[name], args, conv)
+            _synchronize(args)
+            times[name].append(timer() - start)
+    return times
+
+
+def time_forward_backward(
+    fn: DynamicConvFn, *args: Tensor, rounds: int = 5, timer: Callable[[], float] = time.perf_counter,
+    **conv: Unpack[ConvOptions],
+) -> float:
+    """Median seconds of one forward+backward of ``fn(*args, **conv)`` over ``rounds`` runs
+    (after one untimed run): :func:`time_rounds` for a single entry."""
+    return statistics.median(time_rounds({"fn": fn}, args, rounds, timer, **conv)["fn"])
 
 
 def _cpu_allocator_peak(prof: profile) -> int:
@@ -212,28 +275,14 @@ def peak_memory_forward_backward(fn: DynamicConvFn, *args: Tensor, **conv: Unpac
     return _cpu_allocator_peak(prof)
 
 
-def per_sample_weight_bytes(
-    batch: int,
-    out_channels: int,
-    in_channels: int,
-    kernel_size: IntOrTuple = 3,
-    groups: int = 1,
-    dtype: torch.dtype = torch.float32,
-) -> int:
-    """Bytes of the mixed per-sample weight ``[B*O, C/g, kH, kW]`` that batch-as-groups builds."""
-    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return batch * out_channels * (in_channels // groups) * kh * kw * itemsize
-
-
 @dataclass
 class Cell:
-    """One cell of the sweep: its shape and what each strategy measured there."""
+    """One cell of the sweep: its shape and what each entry measured there, round by round."""
 
     C: int
     HW: int
     B: int
-    seconds: Dict[str, float]
+    times: Dict[str, List[float]]  # seconds per round, by entry
     weight_bytes: int
     peak_bytes: Dict[str, int] = field(default_factory=dict)  # empty when memory was not measured
 
@@ -241,16 +290,36 @@ class Cell:
     def label(self) -> str:
         return f"C={self.C} {self.HW}x{self.HW} B={self.B}"
 
+    def seconds(self, name: str) -> float:
+        """``name``'s median seconds."""
+        return statistics.median(self.times[name])
+
+    def ratios(self, name: str) -> List[float]:
+        """``name``'s time divided by the static conv's of the same round, round by round."""
+        return [t / s for t, s in zip(self.times[name], self.times[BASELINE])]
+
     def ratio(self, name: str) -> float:
-        """``name``'s time divided by the static conv's."""
-        return self.seconds[name] / self.seconds[BASELINE]
+        """The median of :meth:`ratios`: ``name``'s cost in static convolutions."""
+        return statistics.median(self.ratios(name))
+
+    def spread(self, name: str) -> float:
+        """Half the interquartile range of :meth:`ratios`, relative to their median (0.05: +-5%)."""
+        values = self.ratios(name)
+        if len(values) < 2:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        return (q3 - q1) / 2 / self.ratio(name)
+
+    def best_peer(self) -> str:
+        """The peer with the smallest median ratio in this cell."""
+        return min((n for n in PEERS if n in self.times), key=self.ratio)
 
 
 def run_sweep(
     cells: Sequence[Tuple[int, int]] = SWEEP_CELLS,
     batches: Sequence[int] = SWEEP_BATCHES["cpu"],
     strategies: Optional[Dict[str, DynamicConvFn]] = None,
-    repeats: int = 5,
+    rounds: int = 7,
     num_kernels: int = 4,
     timer: Callable[[], float] = time.perf_counter,
     memory: bool = True,
@@ -258,73 +327,63 @@ def run_sweep(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
 ) -> List[Cell]:
-    """Time (and optionally profile the memory of) every strategy in every cell.
-
-    The strategies of one cell are timed round-robin, one repeat each in turn, so a
-    burst of load on the machine hits all of them alike.
-    """
+    """Time (and optionally profile the memory of) every entry in every cell, by
+    :func:`time_rounds`. The Python loops (the peers' per-sample loop, the ``per_sample``
+    strategy) are left out past 32 samples, where they would time Python."""
     strategies = strategies_for(device) if strategies is None else strategies
     rows: List[Cell] = []
     for channels, size in cells:
         for batch in batches:
             args = make_inputs(batch, channels, size, num_kernels, dtype=dtype, device=device,
                                channels_last=channels_last)
-            # The per-sample loop makes B calls from Python: past 32 samples it only measures Python.
-            names = [n for n in strategies if not (n == "per-sample loop" and batch > 32)]
-            seconds = {name: math.inf for name in names}
-            for name in names:
-                time_forward_backward(strategies[name], *args, repeats=1, warmup=0, timer=timer, padding=1)
-            for _ in range(repeats):
-                for name in names:
-                    elapsed = time_forward_backward(strategies[name], *args, repeats=1, warmup=0, timer=timer,
-                                                    padding=1)
-                    seconds[name] = min(seconds[name], elapsed)
-            peaks = {n: peak_memory_forward_backward(strategies[n], *args, padding=1) for n in names} if memory else {}
-            weight_bytes = per_sample_weight_bytes(batch, channels, channels, dtype=dtype)
-            rows.append(Cell(channels, size, batch, seconds, weight_bytes, peaks))
+            fns = {n: fn for n, fn in strategies.items() if not (n in _LOOPS and batch > 32)}
+            times = time_rounds(fns, args, rounds, timer, padding=1)
+            peaks = {n: peak_memory_forward_backward(fns[n], *args, padding=1) for n in fns} if memory else {}
+            rows.append(Cell(channels, size, batch, times, mixed_weight_bytes(batch, args[1]), peaks))
     return rows
+
+
+_LOOPS = ("per_sample", "per-sample loop")
+
+#: Short column names for the report's tables.
+_SHORT = {BASELINE: "static", CORE: "core", "batch_as_groups": "groups", "kernel_branches": "K-branch",
+          "per_sample": "per-sample", "fused": "fused", "grouped trick": "p:grouped", "per-sample loop": "p:loop",
+          "vmap": "p:vmap"}
 
 
 def _geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def format_report(rows: Sequence[Cell], target: float = 1.25, noise: float = 0.05) -> str:
-    """The time table (ratios to the static conv), geometric means, the two targets
-    and, when measured, the memory table (MiB).
-
-    The targets: the geometric mean of the core's ratio at most ``target``, and no
-    cell where the core is slower than the best other strategy by more than
-    ``noise`` (where the core picks a strategy it runs the same code, so gaps of a
-    few percent are timing noise). A strategy not run in a cell shows ``-``.
-    """
-    names = list(dict.fromkeys(n for row in rows for n in row.seconds))
-    others = [n for n in names if n not in (BASELINE, CORE)]
-    w = max(16, *(len(n) + 2 for n in names))
-    head = f"{'C=O':>5} {'HxW':>7} {'B':>4} {'static ms':>10}" + "".join(f"{n:>{w}}" for n in names[1:])
-    lines = ["Forward+backward time / static conv (min over repeats)", head + f"{'core/best other':>{w}}"]
-    slower, best_other = [], []
+def format_report(rows: Sequence[Cell], noise: float = NOISE) -> str:
+    """The time table (median ratio to the static conv, +- half the interquartile range in
+    percent), the core against the best peer per cell, the geometric means, and, when
+    measured, the memory table (MiB). A cell where the core is slower than the best peer by
+    more than ``noise`` is listed. An entry not run in a cell shows ``-``."""
+    names = list(dict.fromkeys(n for row in rows for n in row.times))
+    w = 12
+    head = f"{'C=O':>5} {'HxW':>7} {'B':>4} {'static ms':>10}" + "".join(f"{_SHORT.get(n, n):>{w}}" for n in names[1:])
+    lines = ["Forward+backward time / static conv: median over rounds +- half the interquartile range in %",
+             "Columns: " + "; ".join(f"{_SHORT.get(n, n)} = {n}" for n in names[1:] if _SHORT.get(n, n) != n)
+             + "; p: marks the peers; core/peer = the core's median over the best peer's",
+             head + f"{'core/peer':>{w}}"]
+    behind = []
     for row in rows:
-        line = f"{row.C:>5} {f'{row.HW}x{row.HW}':>7} {row.B:>4} {row.seconds[BASELINE] * 1e3:>10.3f}"
-        line += "".join(f"{row.ratio(n):>{w - 1}.2f}x" if n in row.seconds else f"{'-':>{w}}" for n in names[1:])
-        best = min(row.ratio(n) for n in others if n in row.seconds)
-        best_other.append(best)
-        core = row.ratio(CORE)
-        if core > best * (1 + noise):
-            slower.append(f"{row.label} ({core / best:.2f}x)")
-        lines.append(line + f"{core / best:>{w - 1}.2f}x")
-    geo = [f"{_geomean([r.ratio(n) for r in rows]):>{w - 1}.2f}x" if all(n in r.seconds for r in rows)
+        line = f"{row.C:>5} {f'{row.HW}x{row.HW}':>7} {row.B:>4} {row.seconds(BASELINE) * 1e3:>10.3f}"
+        line += "".join(f"{f'{row.ratio(n):.2f}+-{row.spread(n) * 100:.0f}':>{w}}" if n in row.times
+                        else f"{'-':>{w}}" for n in names[1:])
+        core_vs_peer = row.ratio(CORE) / row.ratio(row.best_peer())
+        if core_vs_peer > 1 + noise:
+            behind.append(f"{row.label} ({core_vs_peer:.2f}x {row.best_peer()})")
+        lines.append(line + f"{core_vs_peer:>{w}.2f}")
+    geo = [f"{_geomean([r.ratio(n) for r in rows]):>{w}.2f}" if all(n in r.times for r in rows)
            else f"{'-':>{w}}" for n in names[1:]]
     lines.append(f"{'geomean':>29}" + "".join(geo))
-    core_geo = _geomean([r.ratio(CORE) for r in rows])
-    lines.append(
-        f"Target: geomean of {CORE} <= {target:.2f}x static conv: {core_geo:.2f}x, "
-        f"{'met' if core_geo <= target else 'NOT met'} (best other strategy per cell: {_geomean(best_other):.2f}x)"
-    )
-    lines.append(
-        f"Target: no cell slower than the best other strategy (by more than {noise:.0%}, timing noise): "
-        + ("met" if not slower else "NOT met in " + "; ".join(slower))
-    )
+    best_peer_geo = _geomean([r.ratio(r.best_peer()) for r in rows])
+    lines.append(f"Geomean of the core {_geomean([r.ratio(CORE) for r in rows]):.2f}x static conv; of the best "
+                 f"peer per cell {best_peer_geo:.2f}x.")
+    lines.append(f"Cells where the core is more than {noise:.0%} slower than the best peer: "
+                 + ("none" if not behind else "; ".join(behind)))
     if rows[0].peak_bytes:
         mib = 2.0**20
         lines += [
@@ -332,7 +391,7 @@ def format_report(rows: Sequence[Cell], target: float = 1.25, noise: float = 0.0
             "Memory, MiB: the per-sample weight [B*O, C/g, k, k] that batch-as-groups builds, and the peak",
             "allocated during forward+backward (tensors made during the call only, inputs excluded;",
             "scratch memory of oneDNN/MKL/cuDNN outside PyTorch's allocator is not seen)",
-            f"{'C=O':>5} {'HxW':>7} {'B':>4} {'weight':>10}" + "".join(f"{n:>{w}}" for n in names),
+            f"{'C=O':>5} {'HxW':>7} {'B':>4} {'weight':>10}" + "".join(f"{_SHORT.get(n, n):>{w}}" for n in names),
         ]
         for row in rows:
             line = f"{row.C:>5} {f'{row.HW}x{row.HW}':>7} {row.B:>4} {row.weight_bytes / mib:>10.2f}"
@@ -475,8 +534,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="of the sweep's tensors")
     parser.add_argument("--channels-last", action="store_true", help="channels_last inputs in the sweep")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed runs per strategy and cell; the minimum is kept (default 5)")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="timed rounds per cell, each running every entry once; the median is kept (default 7)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny sweep (C=8, 8x8, B in {1, 4}) that runs in seconds")
     parser.add_argument(
@@ -484,14 +543,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         action="store_true",
         help="time with this process's CPU seconds instead of wall clock (steadier on a busy machine; CPU only)",
     )
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory table (its profiling pass)")
     parser.add_argument("--resnet", type=int, default=None, metavar="BATCH",
                         help="also time ResNet-18 train steps at this batch (default on cuda: 256; on cpu: none)")
     parser.add_argument("--resnet-size", type=int, default=224, help="image size of the ResNet-18 step (default 224)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.device == "cuda" and args.cpu_time:
@@ -501,13 +561,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.backends.cudnn.benchmark = True
     dtype = getattr(torch, args.dtype)
     print(machine_description(args.device))
-    print(f"clock: {'process CPU time' if args.cpu_time else 'wall'}; {args.repeats} repeats, K=4, 3x3 kernel, "
+    print(f"clock: {'process CPU time' if args.cpu_time else 'wall'}; {args.rounds} rounds, K=4, 3x3 kernel, "
           f"padding 1, {args.dtype}{', channels_last' if args.channels_last else ''}, on {args.device}")
     rows = run_sweep(
         QUICK_CELLS if args.quick else SWEEP_CELLS,
         QUICK_BATCHES if args.quick else SWEEP_BATCHES[args.device],
-        repeats=args.repeats,
+        rounds=args.rounds,
         timer=time.process_time if args.cpu_time else time.perf_counter,
+        memory=not args.no_memory,
         device=args.device,
         dtype=dtype,
         channels_last=args.channels_last,

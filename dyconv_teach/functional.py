@@ -42,19 +42,25 @@ from ._utils import (
 
 __all__ = ["dynamic_conv1d", "dynamic_conv2d", "dynamic_conv3d", "STRATEGY_NAMES"]
 
-#: What the ``strategy`` argument of the functions here accepts.
-STRATEGY_NAMES: Tuple[str, ...] = ("auto", *strategies.STRATEGIES)
+#: What the ``strategy`` argument of the functions here accepts: ``'auto'`` (the rule),
+#: ``'benchmark'`` (time the strategies once per shape, keep the fastest) or a strategy's name.
+STRATEGY_NAMES: Tuple[str, ...] = ("auto", "benchmark", *strategies.STRATEGIES)
 
 
-def _strategy(name: str, x: Tensor, weight: Tensor, out_shape: Sequence[int]) -> str:
-    """The strategy ``name`` names, or for ``'auto'`` the one the rule chooses, as far as the
-    graph being recorded (if any) can hold it."""
+def _strategy(
+    name: str, x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+    padding: Sequence[int], dilation: Sequence[int], groups: int, out_shape: Sequence[int],
+) -> str:
+    """The strategy ``name`` names, or for ``'auto'`` and ``'benchmark'`` the one the rule or the
+    timing chooses, as far as the graph being recorded (if any) can hold it."""
     if x.shape[0] == 0:
         return "kernel_branches"  # the one strategy whose convolution takes an empty batch as it is
-    if name != "auto":
+    if name not in ("auto", "benchmark"):
         return name
     if torch.compiler.is_exporting() or torch.jit.is_tracing():
         return "kernel_branches"
+    if name == "benchmark" and not torch.compiler.is_compiling():
+        return strategies.benchmark(x, weight, attention, bias, stride, padding, dilation, groups)
     chosen = strategies.choose(x.device.type, x.shape[0], weight, out_shape)
     if torch.compiler.is_compiling() and not strategies.STRATEGIES[chosen].any_batch:
         return "batch_as_groups"
@@ -77,7 +83,7 @@ def _dynamic_conv(
 ) -> Tensor:
     if strategy not in STRATEGY_NAMES:
         raise ValueError(f"strategy must be one of {STRATEGY_NAMES}, got {strategy!r}")
-    if strategy != "auto" and dims not in strategies.STRATEGIES[strategy].dims:
+    if strategy in strategies.STRATEGIES and dims not in strategies.STRATEGIES[strategy].dims:
         supported = "/".join(str(d) for d in strategies.STRATEGIES[strategy].dims)
         raise ValueError(f"strategy {strategy!r} runs {supported}-D convolutions only, not {dims}-D")
     if x.dim() not in (dims + 1, dims + 2):
@@ -103,7 +109,8 @@ def _dynamic_conv(
     if before != after:  # 'same' with an even dilated kernel: F.conv2d pads one more at the end
         x = F.pad(x, [p for b, a in zip(reversed(before), reversed(after)) for p in (0, a - b)])
     out_shape = check_output_shape(x, weight, stride_, before, dilation_)
-    run = strategies.STRATEGIES[_strategy(strategy, x, weight, out_shape)].run
+    name = _strategy(strategy, x, weight, attention, bias, stride_, before, dilation_, groups_, out_shape)
+    run = strategies.STRATEGIES[name].run
     out = run(x, weight, attention, bias, stride_, before, dilation_, groups_)
     return out.squeeze(0) if unbatched else out
 
@@ -127,8 +134,11 @@ _DOC = r"""Convolve each sample with its own attention-weighted mixture of K ker
         stride, padding, dilation, groups: as in :func:`torch.nn.functional.conv{dims}d`;
             ``padding`` may also be ``'same'`` or ``'valid'``.
         strategy: ``'auto'`` (the rule of :func:`dyconv_teach.strategies.choose`,
-            per device) or the name of one of :data:`dyconv_teach.strategies.STRATEGIES`
-            to force it (for benchmarks and tests; every strategy gives the same result).
+            per device), ``'benchmark'`` (the fastest strategy on this machine, timed on the
+            first call of each shape: :func:`dyconv_teach.strategies.benchmark`), or the name
+            of one of :data:`dyconv_teach.strategies.STRATEGIES` to force it (every strategy
+            gives the same result). Graphs that serve every batch size replace the choice as
+            the module docstring says.
 
     Returns:
         ``{out}`` with

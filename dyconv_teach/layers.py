@@ -301,8 +301,9 @@ _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sam
         routing: ``'softmax'`` (DyConv, weights sum to 1) or ``'sigmoid'``
             (independent gates in (0, 1)).
         strategy: how the core batches the convolution: ``'auto'`` (per device and
-            shape, the rule of :func:`dyconv_teach.strategies.choose`) or a name from
-            :data:`dyconv_teach.strategies.STRATEGIES`, for benchmarks. Results do not depend on it.
+            shape, the rule of :func:`dyconv_teach.strategies.choose`), ``'benchmark'`` (the
+            fastest on this machine, timed once per shape: :func:`dyconv_teach.strategies.benchmark`)
+            or a name from :data:`dyconv_teach.strategies.STRATEGIES`. Results do not depend on it.
         device, dtype: as in :class:`torch.nn.Conv{dims}d`.
 
     Shape:

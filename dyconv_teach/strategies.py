@@ -29,7 +29,9 @@ for any per-sample kernels ``[B, O, C/g, *kernel]``, however they were built.
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+import statistics
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,7 @@ __all__ = [
     "Strategy",
     "STRATEGIES",
     "choose",
+    "benchmark",
     "mix",
     "batch_as_groups_conv",
     "batch_as_groups",
@@ -310,3 +313,50 @@ def choose(device_type: str, batch: int, weight: Tensor, out_shape: Sequence[int
     if (K - 1) * pixels <= work and mixed_weight_bytes(batch, weight) > big:
         return "kernel_branches"
     return "batch_as_groups"
+
+
+_BENCHMARKED: Dict[Tuple[object, ...], str] = {}
+
+
+def benchmark(
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints,
+    dilation: Ints, groups: int, rounds: int = 3,
+) -> str:
+    """The fastest strategy for this call, timed once per shape, dtype, device and thread count and
+    then remembered (as ``torch.backends.cudnn.benchmark`` does for convolution algorithms).
+
+    Every strategy that runs on the device and dimension is timed on copies of the inputs:
+    forward and backward where autograd would run a backward (grad mode on and an input that
+    requires grad), else forward only; one warm-up, then ``rounds`` rounds in rotated order,
+    the median kept. The first call of a shape therefore costs a few forward and backward
+    passes per strategy; later calls only a dictionary lookup.
+    """
+    dims = x.dim() - 2
+    tensors = [x, weight, attention, bias]
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    key = (x.device, x.dtype, tuple(x.shape), memory_format(x), tuple(weight.shape), bias is not None,
+           tuple(stride), tuple(padding), tuple(dilation), groups, grad, torch.get_num_threads())
+    if key not in _BENCHMARKED:
+        names = [n for n, s in STRATEGIES.items() if x.device.type in s.devices and dims in s.dims]
+        copies = [None if t is None else t.detach().requires_grad_(grad and t.requires_grad) for t in tensors]
+        leaves = [t for t in copies if t is not None and t.requires_grad]
+
+        def run(name: str) -> float:
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
+            out = STRATEGIES[name].run(*copies, stride, padding, dilation, groups)
+            if leaves:
+                torch.autograd.grad(out, leaves, torch.ones_like(out))
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            return time.perf_counter() - start
+
+        for name in names:
+            run(name)
+        times: Dict[str, List[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                times[name].append(run(name))
+        _BENCHMARKED[key] = min(names, key=lambda n: statistics.median(times[n]))
+    return _BENCHMARKED[key]

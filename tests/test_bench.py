@@ -5,6 +5,8 @@ themselves are tested in tests/test_functional.py. No test asserts a time.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -12,14 +14,17 @@ from dyconv_teach import DynamicConv2d, bench
 from dyconv_teach.functional import dynamic_conv2d
 from dyconv_teach.reference import per_sample_conv
 from dyconv_teach.strategies import STRATEGIES as CORE_STRATEGIES
+from dyconv_teach.strategies import mixed_weight_bytes
 
 
 def test_strategies_table_shares_the_signature() -> None:
-    """Every entry of STRATEGIES runs with dynamic_conv2d's arguments; the dynamic ones
-    agree with the per-sample loop, the static baseline has the same output shape."""
+    """Every entry of STRATEGIES runs with dynamic_conv2d's arguments; the dynamic ones (the core,
+    its strategies, the peers) agree with the per-sample loop, the static baseline has the same
+    output shape."""
     args = bench.make_inputs(batch=3, channels=4, size=5, dtype=torch.float64)
     ref = per_sample_conv(*args, padding=1)
-    assert list(bench.STRATEGIES)[:2] == [bench.BASELINE, bench.CORE] and set(CORE_STRATEGIES) <= set(bench.STRATEGIES)
+    assert list(bench.STRATEGIES)[:2] == [bench.BASELINE, bench.CORE]
+    assert set(CORE_STRATEGIES) | set(bench.PEERS) <= set(bench.STRATEGIES)
     cpu = bench.strategies_for("cpu")
     assert set(bench.STRATEGIES) - set(cpu) == {n for n, s in CORE_STRATEGIES.items() if "cpu" not in s.devices}
     for name, fn in cpu.items():
@@ -27,57 +32,71 @@ def test_strategies_table_shares_the_signature() -> None:
         assert out.shape == ref.shape, name
         if name != bench.BASELINE:
             assert (out - ref).abs().max().item() < 1e-12, name
+    # The peers also take no bias, a stride and groups.
+    x, weight, attention, _ = args
+    grouped = weight[:, :, :2].detach()
+    expected = per_sample_conv(x, grouped, attention, stride=2, groups=2)
+    for name, fn in bench.PEERS.items():
+        torch.testing.assert_close(fn(x, grouped, attention, None, stride=2, groups=2), expected, msg=name)
 
 
-def test_per_sample_weight_bytes() -> None:
-    """B * O * C/g * kH * kW elements times the element size."""
-    assert bench.per_sample_weight_bytes(32, 256, 256) == 32 * 256 * 256 * 9 * 4
-    assert bench.per_sample_weight_bytes(2, 6, 4, (3, 1), groups=2, dtype=torch.float64) == 2 * 6 * 2 * 3 * 8
+def test_time_rounds_rotates_the_order() -> None:
+    """Each round runs every entry once; round r starts r places further along, so each entry
+    follows each other one equally often (the call after another pays for what it left behind)."""
+    order: list = []
+
+    def entry(name: str) -> Any:
+        return lambda x, **conv: (order.append(name), x.sum())[1]
+
+    fns = {name: entry(name) for name in "abc"}
+    times = bench.time_rounds(fns, [torch.ones(2, requires_grad=True)], rounds=3)
+    assert {n: len(t) for n, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")  # the warm-up, then 3 rounds
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        bench.time_rounds(fns, [torch.ones(2)], rounds=0)
 
 
 def test_time_and_memory_helpers() -> None:
-    """The timer returns a positive number of seconds and rejects repeats < 1; the
-    measured peak holds at least the per-sample weight the trick builds."""
+    """The timer returns a positive number of seconds; the measured peak holds at least the
+    per-sample weight the trick builds."""
     args = bench.make_inputs(batch=4, channels=8, size=6)
-    assert bench.time_forward_backward(bench.static_conv2d, *args, repeats=2, padding=1) > 0
-    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
-        bench.time_forward_backward(bench.static_conv2d, *args, repeats=0)
+    assert bench.time_forward_backward(bench.static_conv2d, *args, rounds=2, padding=1) > 0
     peak = bench.peak_memory_forward_backward(dynamic_conv2d, *args, padding=1)
-    assert peak >= bench.per_sample_weight_bytes(4, 8, 8)
+    assert peak >= mixed_weight_bytes(4, args[1])
 
 
 def test_main_quick_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> None:
-    """``--quick`` prints the header, one row per cell with a ratio per strategy,
-    the geometric means, the target verdicts and the memory table."""
+    """``--quick`` prints the header, one row per cell with a ratio and spread per entry and the
+    core over the best peer, the geometric means, the cells where the core is behind, and the
+    memory table."""
     threads = torch.get_num_threads()
     try:
-        bench.main(["--quick", "--repeats", "1", "--threads", "1"])
+        bench.main(["--quick", "--rounds", "2", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)  # main sets it for the whole process
-    text = capsys.readouterr().out
-    lines = text.splitlines()
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("machine: ")
     assert lines[1].startswith(f"torch {torch.__version__}, 1 threads")
+    entries = list(bench.strategies_for("cpu"))
     header = next(line for line in lines if line.lstrip().startswith("C=O") and "static ms" in line)
-    for name in list(bench.strategies_for("cpu"))[1:] + ["core/best other"]:
-        assert name in header
+    assert header.split()[5:] == [bench._SHORT[n] for n in entries[1:]] + ["core/peer"]
     rows = [line.split() for line in lines if line.split()[:2] == ["8", "8x8"]]
     time_rows, memory_rows = rows[: len(bench.QUICK_BATCHES)], rows[len(bench.QUICK_BATCHES) :]
     assert [int(r[2]) for r in time_rows] == list(bench.QUICK_BATCHES)
-    for r in time_rows:  # B, static ms, one ratio per non-baseline strategy, core/best other
-        assert len(r) == 3 + 1 + len(bench.strategies_for("cpu")) - 1 + 1
-        assert all(v.endswith("x") and float(v[:-1]) > 0 for v in r[4:])
+    for r in time_rows:  # B, static ms, a median+-spread per non-baseline entry, core/peer
+        assert len(r) == 4 + len(entries) - 1 + 1
+        assert all(float(v.split("+-")[0]) > 0 and v.split("+-")[1].isdigit() for v in r[4:-1])
     geomean = next(line for line in lines if line.split()[:1] == ["geomean"])
-    assert len(geomean.split()) == 1 + len(bench.strategies_for("cpu")) - 1
-    assert any(line.startswith("Target: geomean of dynamic_conv2d <= 1.25x") for line in lines)
-    assert any(line.startswith("Target: no cell slower than the best other strategy") for line in lines)
+    assert len(geomean.split()) == len(entries)
+    assert any(line.startswith("Geomean of the core ") for line in lines)
+    assert any(line.startswith("Cells where the core is more than 10% slower than the best peer: ") for line in lines)
     assert [int(r[2]) for r in memory_rows] == list(bench.QUICK_BATCHES)
-    for r in memory_rows:  # B, weight MiB, one peak per strategy
-        assert len(r) == 3 + 1 + len(bench.strategies_for("cpu"))
+    for r in memory_rows:  # B, weight MiB, one peak per entry
+        assert len(r) == 4 + len(entries)
 
 
 @pytest.mark.parametrize(
-    "argv, message", [(["--threads", "0"], "--threads must be >= 1"), (["--repeats", "0"], "--repeats must be >= 1")]
+    "argv, message", [(["--threads", "0"], "--threads must be >= 1"), (["--rounds", "0"], "--rounds must be >= 1")]
 )
 def test_main_rejects_bad_options(argv: list, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Bad option values stop argparse with a message naming the value."""
@@ -86,32 +105,42 @@ def test_main_rejects_bad_options(argv: list, message: str, capsys: pytest.Captu
     assert message in capsys.readouterr().err
 
 
-def test_format_report_verdicts() -> None:
-    """The geometric mean and the slower-than-best-other check are computed from the
-    times given: here 1.10x and 2.00x give a 1.48x geomean, and the second cell loses
-    to the per-sample loop (2.00 / 1.50 = 1.33x); no memory table without peaks."""
+def test_cell_medians_spread_and_best_peer() -> None:
+    """Ratios are taken round by round against the static conv of the same round; the median
+    and half the interquartile range summarise them; the best peer is the one with the smallest."""
+    row = bench.Cell(4, 5, 2, {bench.BASELINE: [1.0, 2.0, 1.0, 1.0, 1.0], bench.CORE: [1.3, 2.2, 1.0, 1.4, 1.2],
+                               "grouped trick": [1.5, 3.0, 1.5, 1.5, 1.5], "vmap": [2.0] * 5}, weight_bytes=0)
+    assert row.ratios(bench.CORE) == pytest.approx([1.3, 1.1, 1.0, 1.4, 1.2])
+    assert row.ratio(bench.CORE) == pytest.approx(1.2) and row.seconds(bench.BASELINE) == 1.0
+    assert row.spread(bench.CORE) == pytest.approx((1.3 - 1.1) / 2 / 1.2)  # quartiles 1.1 and 1.3
+    assert row.best_peer() == "grouped trick"
 
+
+def test_format_report_verdicts() -> None:
+    """The geometric means and the behind-the-best-peer check are computed from the times given:
+    the core at 1.1x and 2.0x static conv gives a 1.48x geomean, and the second cell is behind
+    the per-sample loop (2.0 / 1.5 = 1.33x, past the 10% noise); no memory table without peaks."""
     def row(B: int, core: float, loop: float) -> bench.Cell:
-        seconds = {"static conv": 1.0, "dynamic_conv2d": core, "batch_as_groups": 3.0, "kernel_branches": 4.0,
-                   "per-sample loop": loop}
-        return bench.Cell(C=4, HW=5, B=B, seconds=seconds, weight_bytes=0)
+        times = {bench.BASELINE: [1.0] * 3, bench.CORE: [core] * 3, "batch_as_groups": [3.0] * 3,
+                 "per-sample loop": [loop] * 3, "grouped trick": [2.5] * 3}
+        return bench.Cell(C=4, HW=5, B=B, times=times, weight_bytes=0)
 
     text = bench.format_report([row(1, 1.1, 1.5), row(32, 2.0, 1.5)])
-    assert "Target: geomean of dynamic_conv2d <= 1.25x static conv: 1.48x, NOT met" in text
-    assert "NOT met in C=4 5x5 B=32 (1.33x)" in text
+    assert "Geomean of the core 1.48x static conv; of the best peer per cell 1.50x." in text
+    assert "more than 10% slower than the best peer: C=4 5x5 B=32 (1.33x per-sample loop)" in text
     assert "B=1 " not in text and "Memory" not in text
-    assert "geomean of dynamic_conv2d <= 1.25x static conv: 1.05x, met" in bench.format_report([row(1, 1.05, 1.5)])
+    assert "slower than the best peer: none" in bench.format_report([row(1, 1.05, 1.0)])  # 5%: within the noise
 
 
-def test_format_report_marks_strategies_not_run() -> None:
-    """A strategy skipped in a cell (the per-sample loop past B = 32) shows '-' and has no geomean."""
-    seconds = {"static conv": 1.0, "dynamic_conv2d": 1.2, "batch_as_groups": 1.2, "per-sample loop": 2.0}
-    big = dict(seconds)
-    del big["per-sample loop"]
-    text = bench.format_report([bench.Cell(4, 5, 1, seconds, 0), bench.Cell(4, 5, 128, big, 0)])
+def test_format_report_marks_entries_not_run() -> None:
+    """An entry skipped in a cell (the per-sample loops past B = 32) shows '-' and has no geomean."""
+    times = {bench.BASELINE: [1.0], bench.CORE: [1.2], "batch_as_groups": [1.2], "per-sample loop": [2.0],
+             "grouped trick": [1.3]}
+    big = {n: t for n, t in times.items() if n != "per-sample loop"}
+    text = bench.format_report([bench.Cell(4, 5, 1, times, 0), bench.Cell(4, 5, 128, big, 0)])
     row = next(line for line in text.splitlines() if line.split()[:3] == ["4", "5x5", "128"])
     geomean = next(line for line in text.splitlines() if line.split()[:1] == ["geomean"])
-    assert row.split()[-2] == "-" and geomean.split()[-1] == "-"
+    assert row.split()[-3] == "-" and geomean.split()[-2] == "-"  # the loop's column, before the grouped trick
 
 
 def test_resnet18_has_torchvisions_shapes() -> None:

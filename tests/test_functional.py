@@ -146,18 +146,18 @@ def test_cases_cover_every_feature() -> None:
     assert {c.dtype for c in CASES} == {torch.float32, torch.float64}
 
 
-#: 'auto' and every strategy that runs on CPU tensors. The fused Triton kernels run on CPU
-#: tensors only under Triton's interpreter, seconds per call: tests/test_triton_conv.py checks them.
-CPU_STRATEGIES = ("auto", *(name for name, s in strategies.STRATEGIES.items() if "cpu" in s.devices))
+#: 'auto', 'benchmark' and every strategy that runs on CPU tensors. The fused Triton kernels run on
+#: CPU tensors only under Triton's interpreter, seconds per call: tests/test_triton_conv.py checks them.
+CPU_STRATEGIES = ("auto", "benchmark", *(name for name, s in strategies.STRATEGIES.items() if "cpu" in s.devices))
 
 
 def test_every_strategy_is_tested() -> None:
     """The parametrised tests below run every CPU strategy of the registry in every dimension,
     so a strategy added later is tested without editing this file; the others have a test file
     of their own."""
-    assert set(STRATEGY_NAMES) == {"auto", *strategies.STRATEGIES} and len(CPU_STRATEGIES) >= 4
+    assert set(STRATEGY_NAMES) == {"auto", "benchmark", *strategies.STRATEGIES} and len(CPU_STRATEGIES) >= 5
     assert set(STRATEGY_NAMES) - set(CPU_STRATEGIES) <= {"fused"}
-    assert all(strategies.STRATEGIES[name].dims == (1, 2, 3) for name in CPU_STRATEGIES[1:])
+    assert all(strategies.STRATEGIES[name].dims == (1, 2, 3) for name in CPU_STRATEGIES[2:])
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
@@ -330,6 +330,32 @@ def test_dynamic_conv2d_runs_the_strategy_the_rule_chooses(monkeypatch: pytest.M
         x = torch.empty(B, 256, 7, 7, device="meta")
         out = dynamic_conv2d(x, bank(4, 256, 256), torch.empty(B, 4, device="meta"), padding=1)
         assert out.shape == (B, 256, 7, 7) and ran == [expected]
+
+
+def test_benchmark_times_the_strategies_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'benchmark' times every strategy that runs on the device the first time it meets a shape,
+    remembers the fastest, and then only runs that one: a new shape, or a call without gradients,
+    is timed afresh. It leaves the caller's tensors without gradients of their own."""
+    monkeypatch.setattr(strategies, "_BENCHMARKED", {})
+    calls: list[str] = []
+    for name, strategy in list(strategies.STRATEGIES.items()):
+
+        def record(run: Any, name: str = name) -> Any:
+            return lambda *args: (calls.append(name), run(*args))[1]
+
+        monkeypatch.setitem(strategies.STRATEGIES, name, strategy._replace(run=record(strategy.run)))
+    cpu = list(CPU_STRATEGIES[2:])
+    x, weight, attention, bias = (t.requires_grad_() for t in valid_args().values() if isinstance(t, Tensor))
+    out = dynamic_conv2d(x, weight, attention, bias, groups=2, strategy="benchmark")
+    assert set(calls[:-1]) == set(cpu) and len(calls) == 1 + 4 * len(cpu)  # a warm-up and 3 rounds each
+    (chosen,) = set(strategies._BENCHMARKED.values())
+    assert calls[-1] == chosen and x.grad is None and weight.grad is None
+    calls.clear()
+    torch.testing.assert_close(dynamic_conv2d(x, weight, attention, bias, groups=2, strategy="benchmark"), out)
+    assert calls == [chosen]
+    with torch.no_grad():
+        dynamic_conv2d(x, weight, attention, bias, groups=2, strategy="benchmark")
+    assert len(strategies._BENCHMARKED) == 2  # forward only is another measurement
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -578,5 +604,6 @@ def test_compiled_operator_matches_the_plain_path() -> None:
         plain = strategies._batch_as_groups_conv(*args)
         torch.testing.assert_close(op, plain)
         assert op.stride() == plain.stride()
-        torch.autograd.gradcheck(lambda x, w, b: torch.ops.dyconv_teach.batch_as_groups_conv(x, w, b, *args[3:]),
-                                 args[:3])
+        conv = args[3:]
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, conv=conv: torch.ops.dyconv_teach.batch_as_groups_conv(x, w, b, *conv), args[:3])

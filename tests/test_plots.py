@@ -1,4 +1,5 @@
-"""dyconv_teach.teaching.plots: every labelled shape is a real tensor's, and the diagrams wire what convolution connects."""
+"""dyconv_teach.teaching.plots: every labelled shape is a real tensor's, and the diagrams wire what convolution
+connects."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from dyconv_teach import DynamicConv2d
+from dyconv_teach.reference import per_sample_conv
 from dyconv_teach.teaching.plots import (
     MAX_DRAWN_SAMPLES,
     draw_batch_as_groups,
@@ -23,7 +25,6 @@ from dyconv_teach.teaching.plots import (
     draw_implicit_gemm,
     drawn_shapes,
 )
-from dyconv_teach.reference import per_sample_conv
 from dyconv_teach.teaching.shapes import EXAMPLE, batch_kernel_shapes
 
 SHAPE = re.compile(r"\[(\d+(?:, \d+)*)\]")

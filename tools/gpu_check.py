@@ -55,13 +55,13 @@ START = time.time()
 LOG: List[Any] = []  # the open JSONL file: every row is written as soon as it is measured
 # --cpu-smoke replaces these to try the whole script on a CPU at toy sizes before a GPU run.
 DEVICE = "cuda"
-SWEEP: Dict[str, Any] = {"cells": bench.SWEEP_CELLS, "batches": bench.SWEEP_BATCHES["cuda"], "repeats": 20}
+SWEEP: Dict[str, Any] = {"cells": bench.SWEEP_CELLS, "batches": bench.SWEEP_BATCHES["cuda"], "rounds": 20}
 RESNET: Dict[str, int] = {"batch": 256, "size": 224, "repeats": 10}
 
 
 def runs_here(strategy: str) -> bool:
     """Whether ``strategy`` runs on DEVICE (the fused kernels: CUDA, or the CPU under Triton's interpreter)."""
-    if strategy == "auto" or os.environ.get("TRITON_INTERPRET") == "1":
+    if strategy not in STRATEGIES or os.environ.get("TRITON_INTERPRET") == "1":  # auto, benchmark
         return True
     return DEVICE in STRATEGIES[strategy].devices
 
@@ -163,13 +163,13 @@ def compile_dynamic() -> None:
 
 def sweep() -> None:
     for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, True)):
-        rows = bench.run_sweep(SWEEP["cells"], SWEEP["batches"], repeats=SWEEP["repeats"], device=DEVICE, dtype=dtype,
+        rows = bench.run_sweep(SWEEP["cells"], SWEEP["batches"], rounds=SWEEP["rounds"], device=DEVICE, dtype=dtype,
                                channels_last=channels_last)
         print(bench.format_report(rows), flush=True)
         for row in rows:
-            for name, seconds in row.seconds.items():
+            for name in row.times:
                 record("sweep", dtype=str(dtype), channels_last=channels_last, C=row.C, HW=row.HW, B=row.B,
-                       strategy=name, ms=round(seconds * 1e3, 4), ratio=round(row.ratio(name), 3),
+                       strategy=name, ms=round(row.seconds(name) * 1e3, 4), ratio=round(row.ratio(name), 3),
                        peak_MiB=round(row.peak_bytes.get(name, 0) / 2**20, 2))
 
 
@@ -241,15 +241,15 @@ def resnet_layers() -> None:
     float32 and bfloat16 channels_last; remembers the fastest strategy per layer at B = 256."""
     for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, True)):
         batches = (64, 256) if DEVICE == "cuda" else (2,)
-        rows = bench.run_sweep(RESNET_LAYERS, batches, repeats=max(1, SWEEP["repeats"] // 2), memory=False,
+        rows = bench.run_sweep(RESNET_LAYERS, batches, rounds=max(1, SWEEP["rounds"] // 2), memory=False,
                                device=DEVICE, dtype=dtype, channels_last=channels_last)
         print(bench.format_report(rows), flush=True)
         for row in rows:
-            for name, seconds in row.seconds.items():
+            for name in row.times:
                 record("resnet_layer", dtype=str(dtype), C=row.C, HW=row.HW, B=row.B, strategy=name,
-                       ms=round(seconds * 1e3, 4), ratio=round(row.ratio(name), 3))
+                       ms=round(row.seconds(name) * 1e3, 4), ratio=round(row.ratio(name), 3))
             if row.B == max(r.B for r in rows):
-                dynamic = {n: s for n, s in row.seconds.items() if n in STRATEGIES}
+                dynamic = {n: row.seconds(n) for n in row.times if n in STRATEGIES}
                 BEST.setdefault(str(dtype), {})[row.C] = min(dynamic, key=dynamic.__getitem__)
     record("resnet_layer_best", best=BEST)
 
@@ -317,7 +317,7 @@ def main() -> None:
     global DEVICE
     if args.cpu_smoke:
         DEVICE = "cpu"
-        SWEEP.update(cells=bench.QUICK_CELLS, batches=(1, 3), repeats=1)
+        SWEEP.update(cells=bench.QUICK_CELLS, batches=(1, 3), rounds=1)
         RESNET.update(batch=2, size=32, repeats=1)
         device = "cpu-smoke"
     else:

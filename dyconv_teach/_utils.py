@@ -9,7 +9,7 @@ dimensions (``dims``), as torch's ``_ConvNd`` does.
 from __future__ import annotations
 
 import operator
-from typing import Dict, Optional, Protocol, Sequence, Tuple, TypedDict, Union
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, TypedDict, Union
 
 import torch
 from torch import Tensor
@@ -50,6 +50,21 @@ def input_text(dims: int, batched: bool = True) -> str:
 def bank_text(dims: int) -> str:
     """``"[K, O, C/groups, kH, kW]"`` for ``dims = 2``: the shape of a kernel bank."""
     return "[" + ", ".join(("K", "O", "C/groups") + tuple("k" + s for s in SPATIAL[dims])) + "]"
+
+
+def balanced_orders(n: int) -> List[List[int]]:
+    """Orders of ``n`` entries in which every entry runs right after every other one equally
+    often: a Williams design, ``n`` orders for even ``n`` and ``2n`` for odd ``n``."""
+    first = [0]
+    low, high = 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(v + r) % n for v in first] for r in range(n)]
+    return orders + [order[::-1] for order in orders] if n % 2 else orders
 
 
 def as_int(name: str, value: object) -> int:

@@ -11,9 +11,10 @@ the median over the rounds and its spread; then the memory each entry allocates.
 3x3 convolutions are dynamic (:func:`resnet18`), against the static network, in float32
 and under bfloat16 autocast.
 
-Rounds: every round runs each entry once, in an order rotated by one place per round, so
-each entry follows each other as often (on a CPU the call that follows another is slowed
-by what that one left in the caches and the allocator: up to 40% on small layers).
+Rounds: every round runs each entry once, in orders that balance which entry runs right
+after which (a Williams design): on a CPU the call that follows another is slowed or sped
+up by what that one left in the caches and the allocator, by up to 40% on small layers, so a
+fixed order would favour some entries for good.
 
 The pieces are reusable (the chapter on cost imports them instead of re-writing timing
 code):
@@ -22,7 +23,7 @@ code):
   signature, the static baseline first, then the core, every strategy it can run, forced,
   and the peers;
 - :func:`make_inputs`: the four tensors of one cell, all requiring grad;
-- :func:`time_rounds`: the per-round times of several entries, in rotated order;
+- :func:`time_rounds`: the per-round times of several entries, in balanced orders;
 - :func:`time_forward_backward`: the median seconds of forward+backward of one entry;
 - :func:`peak_memory_forward_backward`: bytes allocated at the peak of forward+backward;
 - :func:`run_sweep` and :func:`format_report`: the sweep as :class:`Cell` rows, and its tables;
@@ -48,7 +49,7 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 from typing_extensions import Unpack
 
-from ._utils import ConvOptions, DynamicConvFn, IntOrTuple
+from ._utils import ConvOptions, DynamicConvFn, IntOrTuple, balanced_orders
 from .functional import dynamic_conv2d
 from .layers import DynamicConv2d
 from .reference import per_sample_conv
@@ -200,27 +201,30 @@ def _forward_backward(fn: DynamicConvFn, args: Sequence[Tensor], conv: ConvOptio
 def time_rounds(
     fns: Dict[str, DynamicConvFn],
     args: Sequence[Tensor],
-    rounds: int = 7,
+    rounds: Optional[int] = None,
     timer: Callable[[], float] = time.perf_counter,
     **conv: Unpack[ConvOptions],
 ) -> Dict[str, List[float]]:
     """Seconds of one forward+backward of each entry of ``fns`` in each of ``rounds`` rounds.
 
     One untimed pass of each first (oneDNN and cuDNN choose their kernels on the first call of
-    a shape); then round ``r`` runs the entries in their order rotated by ``r`` places, so that
-    each entry comes after each other one equally often. Gradients are cleared before each
-    pass and backward starts from ``ones_like(out)``. ``timer`` is wall clock by default;
-    ``time.process_time`` counts this process's CPU seconds instead (all threads, spinning
-    included). On a GPU each interval is taken between two synchronisations.
+    a shape); then round ``r`` runs the entries in the ``r``-th order of a Williams design
+    (``rounds`` defaults to one whole design: as many rounds as entries, twice that for an odd
+    number). Gradients are cleared before each pass and backward starts from
+    ``ones_like(out)``. ``timer`` is wall clock by default; ``time.process_time`` counts this
+    process's CPU seconds instead (all threads, spinning included). On a GPU each interval is
+    taken between two synchronisations.
     """
+    names = list(fns)
+    orders = balanced_orders(len(names))
+    rounds = len(orders) if rounds is None else rounds
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    names = list(fns)
     for name in names:
         _forward_backward(fns[name], args, conv)
     times: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in (names[i] for i in orders[r % len(orders)]):
             _synchronize(args)
             start = timer()
             _forward_backward(fns[name], args, conv)
@@ -319,7 +323,7 @@ def run_sweep(
     cells: Sequence[Tuple[int, int]] = SWEEP_CELLS,
     batches: Sequence[int] = SWEEP_BATCHES["cpu"],
     strategies: Optional[Dict[str, DynamicConvFn]] = None,
-    rounds: int = 7,
+    rounds: Optional[int] = None,
     num_kernels: int = 4,
     timer: Callable[[], float] = time.perf_counter,
     memory: bool = True,
@@ -534,8 +538,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="of the sweep's tensors")
     parser.add_argument("--channels-last", action="store_true", help="channels_last inputs in the sweep")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--rounds", type=int, default=7,
-                        help="timed rounds per cell, each running every entry once; the median is kept (default 7)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds per cell, each running every entry once; the median is kept (default: "
+                             "one balanced design, as many rounds as entries)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny sweep (C=8, 8x8, B in {1, 4}) that runs in seconds")
     parser.add_argument(
@@ -550,7 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    if args.rounds < 1:
+    if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -561,7 +566,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.backends.cudnn.benchmark = True
     dtype = getattr(torch, args.dtype)
     print(machine_description(args.device))
-    print(f"clock: {'process CPU time' if args.cpu_time else 'wall'}; {args.rounds} rounds, K=4, 3x3 kernel, "
+    rounds = args.rounds or "balanced"
+    print(f"clock: {'process CPU time' if args.cpu_time else 'wall'}; {rounds} rounds, K=4, 3x3 kernel, "
           f"padding 1, {args.dtype}{', channels_last' if args.channels_last else ''}, on {args.device}")
     rows = run_sweep(
         QUICK_CELLS if args.quick else SWEEP_CELLS,

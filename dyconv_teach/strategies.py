@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import memory_format, output_shape
+from ._utils import balanced_orders, memory_format, output_shape
 
 __all__ = [
     "Strategy",
@@ -320,16 +320,17 @@ _BENCHMARKED: Dict[Tuple[object, ...], str] = {}
 
 def benchmark(
     x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints,
-    dilation: Ints, groups: int, rounds: int = 3,
+    dilation: Ints, groups: int,
 ) -> str:
     """The fastest strategy for this call, timed once per shape, dtype, device and thread count and
     then remembered (as ``torch.backends.cudnn.benchmark`` does for convolution algorithms).
 
     Every strategy that runs on the device and dimension is timed on copies of the inputs:
     forward and backward where autograd would run a backward (grad mode on and an input that
-    requires grad), else forward only; one warm-up, then ``rounds`` rounds in rotated order,
-    the median kept. The first call of a shape therefore costs a few forward and backward
-    passes per strategy; later calls only a dictionary lookup.
+    requires grad), else forward only; one warm-up, then rounds in the orders of a Williams
+    design (each strategy runs right after each other one equally often), the median kept.
+    The first call of a shape therefore costs a few forward and backward passes per strategy;
+    later calls only a dictionary lookup.
     """
     dims = x.dim() - 2
     tensors = [x, weight, attention, bias]
@@ -355,8 +356,8 @@ def benchmark(
         for name in names:
             run(name)
         times: Dict[str, List[float]] = {name: [] for name in names}
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                times[name].append(run(name))
+        for order in balanced_orders(len(names)):
+            for i in order:
+                times[names[i]].append(run(names[i]))
         _BENCHMARKED[key] = min(names, key=lambda n: statistics.median(times[n]))
     return _BENCHMARKED[key]

@@ -5,6 +5,7 @@ themselves are tested in tests/test_functional.py. No test asserts a time.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -40,18 +41,25 @@ def test_strategies_table_shares_the_signature() -> None:
         torch.testing.assert_close(fn(x, grouped, attention, None, stride=2, groups=2), expected, msg=name)
 
 
-def test_time_rounds_rotates_the_order() -> None:
-    """Each round runs every entry once; round r starts r places further along, so each entry
-    follows each other one equally often (the call after another pays for what it left behind)."""
+def test_time_rounds_balances_who_runs_after_whom() -> None:
+    """Each round runs every entry once, in the orders of a Williams design: over one design every
+    entry runs right after every other one equally often (the call after another pays, or
+    profits, from what that one left behind), for an even and an odd number of entries."""
     order: list = []
 
     def entry(name: str) -> Any:
         return lambda x, **conv: (order.append(name), x.sum())[1]
 
-    fns = {name: entry(name) for name in "abc"}
-    times = bench.time_rounds(fns, [torch.ones(2, requires_grad=True)], rounds=3)
-    assert {n: len(t) for n, t in times.items()} == {"a": 3, "b": 3, "c": 3}
-    assert order == list("abc") + list("abc") + list("bca") + list("cab")  # the warm-up, then 3 rounds
+    for names in ("abcd", "abc"):
+        order.clear()
+        fns = {name: entry(name) for name in names}
+        times = bench.time_rounds(fns, [torch.ones(2, requires_grad=True)])
+        rounds = len(names) * (1 if len(names) % 2 == 0 else 2)  # one whole design by default
+        assert {n: len(t) for n, t in times.items()} == {n: rounds for n in names}
+        n = len(names)
+        timed = [order[n * (r + 1) : n * (r + 2)] for r in range(rounds)]  # after the warm-up pass of each
+        follows = Counter(pair for run in timed for pair in zip(run, run[1:]))
+        assert len(follows) == len(names) * (len(names) - 1) and len(set(follows.values())) == 1, follows
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         bench.time_rounds(fns, [torch.ones(2)], rounds=0)
 

@@ -95,6 +95,8 @@ _N_INTS = {1: "a tuple of one int", 2: "a pair of ints", 3: "a triple of ints"}
 def ntuple(name: str, value: object, dims: int, minimum: int) -> Tuple[int, ...]:
     """An int-or-tuple argument as a tuple of ``dims`` ints, each >= ``minimum``
     (``torch.nn.modules.utils._ntuple``, with errors that name the value)."""
+    if type(value) is tuple and len(value) == dims and all(type(v) is int and v >= minimum for v in value):
+        return value  # already normalised (what the layers pass on every forward)
     items = list(value) if isinstance(value, (tuple, list)) else [value] * dims
     try:
         if len(items) != dims:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import math
 import os
 import platform
@@ -210,26 +211,33 @@ def time_rounds(
     One untimed pass of each first (oneDNN and cuDNN choose their kernels on the first call of
     a shape); then round ``r`` runs the entries in the ``r``-th order of a Williams design
     (``rounds`` defaults to one whole design: as many rounds as entries, twice that for an odd
-    number). Gradients are cleared before each pass and backward starts from
+    number). Python's garbage collector is off while they run, as ``timeit`` turns it off.
+    Gradients are cleared before each pass and backward starts from
     ``ones_like(out)``. ``timer`` is wall clock by default; ``time.process_time`` counts this
     process's CPU seconds instead (all threads, spinning included). On a GPU each interval is
     taken between two synchronisations.
     """
     names = list(fns)
     orders = balanced_orders(len(names))
+    collect = gc.isenabled()
     rounds = len(orders) if rounds is None else rounds
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     for name in names:
         _forward_backward(fns[name], args, conv)
     times: Dict[str, List[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in (names[i] for i in orders[r % len(orders)]):
-            _synchronize(args)
-            start = timer()
-            _forward_backward(fns[name], args, conv)
-            _synchronize(args)
-            times[name].append(timer() - start)
+    gc.disable()  # as timeit does: a collection in the middle of one entry's pass is not its cost
+    try:
+        for r in range(rounds):
+            for name in (names[i] for i in orders[r % len(orders)]):
+                _synchronize(args)
+                start = timer()
+                _forward_backward(fns[name], args, conv)
+                _synchronize(args)
+                times[name].append(timer() - start)
+    finally:
+        if collect:
+            gc.enable()
     return times
 
 

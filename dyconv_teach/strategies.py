@@ -74,20 +74,6 @@ def mix(weight: Tensor, attention: Tensor) -> Tensor:
 # -- the batching step ---------------------------------------------------------------------------
 
 
-def _batch_as_groups_conv(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints, dilation: Ints, groups: int
-) -> Tensor:
-    B, C = x.shape[:2]
-    O = weight.shape[1]
-    # Move the batch into the channels so each sample is one group of C channels and
-    # meets only its own kernels; reshape (not view), which copies a channels_last input.
-    out = CONV[x.dim() - 2](
-        x.reshape(1, B * C, *x.shape[2:]), weight.reshape(B * O, *weight.shape[2:]),
-        None if bias is None else bias.reshape(B * O), stride, padding, dilation, B * groups,
-    )
-    return like_input(out.reshape(B, O, *out.shape[2:]), x)
-
-
 def batch_as_groups_conv(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints, dilation: Ints, groups: int
 ) -> Tensor:
@@ -102,7 +88,15 @@ def batch_as_groups_conv(
     """
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return torch.ops.dyconv_teach.batch_as_groups_conv(x, weight, bias, stride, padding, dilation, groups)
-    return _batch_as_groups_conv(x, weight, bias, stride, padding, dilation, groups)
+    B, C = x.shape[:2]
+    O = weight.shape[1]
+    # Move the batch into the channels so each sample is one group of C channels and
+    # meets only its own kernels; reshape (not view), which copies a channels_last input.
+    out = CONV[x.dim() - 2](
+        x.reshape(1, B * C, *x.shape[2:]), weight.reshape(B * O, *weight.shape[2:]),
+        None if bias is None else bias.reshape(B * O), stride, padding, dilation, B * groups,
+    )
+    return like_input(out.reshape(B, O, *out.shape[2:]), x)
 
 
 @torch.library.custom_op("dyconv_teach::batch_as_groups_conv", mutates_args=())
@@ -110,7 +104,7 @@ def _batch_as_groups_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int], groups: int,
 ) -> Tensor:
-    return _batch_as_groups_conv(x, weight, bias, stride, padding, dilation, groups)
+    return batch_as_groups_conv(x, weight, bias, stride, padding, dilation, groups)  # eager here: the plain path
 
 
 @_batch_as_groups_op.register_fake
@@ -285,7 +279,7 @@ if importlib.util.find_spec("triton") is not None:
 
 def mixed_weight_bytes(batch: int, weight: Tensor) -> int:
     """Bytes of the per-sample weights ``[B*O, C/g, *kernel]`` that batch-as-groups builds."""
-    return batch * weight[0].numel() * weight.element_size()
+    return batch * (weight.numel() // weight.shape[0]) * weight.element_size()
 
 
 # The thresholds of the rule below, per device type: the K-branch sum is chosen when the

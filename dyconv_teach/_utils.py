@@ -23,6 +23,16 @@ Padding = Union[str, int, Tuple[int, ...]]
 SPATIAL: Dict[int, Tuple[str, ...]] = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
 
+class TensorMismatchError(ValueError, RuntimeError):
+    """A tensor whose shape or device does not fit the convolution. A ``ValueError``, and a
+    ``RuntimeError`` too, which is what ``nn.Conv2d`` raises for the same mistakes."""
+
+
+class DtypeMismatchError(TypeError, RuntimeError):
+    """A tensor whose dtype (or device) does not fit the others. A ``TypeError``, and a
+    ``RuntimeError`` too, which is what ``nn.Conv2d`` raises for the same mistakes."""
+
+
 class ConvOptions(TypedDict, total=False):
     """The keyword arguments that every dynamic convolution shares with ``F.conv1d/2d/3d``."""
 
@@ -183,7 +193,7 @@ def check_output_shape(
     shape = output_shape(x, weight, stride, padding, dilation)
     if min(shape) < 1:
         names = ", ".join(s + "'" for s in SPATIAL[len(shape)])
-        raise ValueError(
+        raise TensorMismatchError(
             f"output size ({names}) = {shape} < 1: the kernel {tuple(weight.shape[3:])} with "
             f"dilation={tuple(dilation)} does not fit the input {tuple(x.shape[2:])} padded by {tuple(padding)}"
         )
@@ -208,32 +218,32 @@ def check_tensors(x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[T
     ``x [B, C, *spatial]``, ``weight [K, O, C/groups, *kernel]``, ``attention [B, K]``, ``bias [K, O]``."""
     dims = x.dim() - 2
     if weight.dim() != dims + 3:
-        raise ValueError(
+        raise TensorMismatchError(
             f"weight must be {dims + 3}-D {bank_text(dims)}, got {weight.dim()}-D of shape {tuple(weight.shape)}"
         )
     B, C = x.shape[:2]
     K, O, c_per_group = weight.shape[:3]
     if K < 1:
-        raise ValueError(f"weight holds K={K} kernels; need K >= 1")
+        raise TensorMismatchError(f"weight holds K={K} kernels; need K >= 1")
     if C != c_per_group * groups:
-        raise ValueError(
+        raise TensorMismatchError(
             f"x has C={C} channels but weight {tuple(weight.shape)} with groups={groups} "
             f"expects C = {c_per_group} * {groups} = {c_per_group * groups}"
         )
     if attention.shape != (B, K):
-        raise ValueError(f"attention must have shape [B, K] = [{B}, {K}], got {tuple(attention.shape)}")
+        raise TensorMismatchError(f"attention must have shape [B, K] = [{B}, {K}], got {tuple(attention.shape)}")
     if bias is not None and bias.shape != (K, O):
-        raise ValueError(f"bias must have shape [K, O] = [{K}, {O}], got {tuple(bias.shape)}")
+        raise TensorMismatchError(f"bias must have shape [K, O] = [{K}, {O}], got {tuple(bias.shape)}")
     tensors = {"x": x, "weight": weight, "attention": attention}
     if bias is not None:
         tensors["bias"] = bias
     for name, t in tensors.items():
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
+            raise DtypeMismatchError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
         if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match")
+            raise DtypeMismatchError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match")
         if t.device != x.device:
-            raise ValueError(f"{name} is on device {t.device} but x is on {x.device}; they must match")
+            raise TensorMismatchError(f"{name} is on device {t.device} but x is on {x.device}; they must match")
 
 
 _CHANNELS_LAST = {4: (torch.channels_last, (1, 3, 2, 0)), 5: (torch.channels_last_3d, (1, 4, 3, 2, 0))}

@@ -8,10 +8,12 @@ whole batch, so the batch has to be folded into something it does accept:
 :mod:`dyconv_teach.strategies` holds the exact ways to do that. One implementation
 serves 1, 2 and 3 spatial dimensions, as torch's ``_ConvNd`` does.
 
-Graphs that must serve every batch size choose their strategy by what they can hold:
-``torch.export`` (and the ONNX exporters built on it or on ``torch.jit.trace``) and
-``torch.jit.trace`` record the K-branch sum, whose convolution has a fixed ``groups``;
+Graphs that must serve every batch size replace the choice by what they can hold.
 ``torch.compile`` runs batch-as-groups as one custom operator where the rule picks it.
+``torch.jit.trace`` records batch-as-groups as a call of a TorchScript function, which computes
+``groups = B*g`` when the graph runs. ``torch.export`` with a symbolic batch, and the ONNX
+exporters (ONNX's ``Conv`` has a fixed ``group``), record the K-branch sum: standard operators
+with fixed attributes, at K times the multiply-adds of the convolution.
 
 Nothing here is teaching code: :mod:`dyconv_teach.reference` holds the slow,
 obviously correct versions that the tests compare against.
@@ -19,7 +21,8 @@ obviously correct versions that the tests compare against.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import functools
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +31,10 @@ from torch import Tensor
 from . import strategies
 from ._utils import (
     SPATIAL,
+    DtypeMismatchError,
     IntOrTuple,
     Padding,
+    TensorMismatchError,
     autocast_dtype,
     bank_text,
     check_conv_args,
@@ -40,7 +45,9 @@ from ._utils import (
     positive_int,
 )
 
-__all__ = ["dynamic_conv1d", "dynamic_conv2d", "dynamic_conv3d", "STRATEGY_NAMES"]
+__all__ = [
+    "dynamic_conv1d", "dynamic_conv2d", "dynamic_conv3d", "STRATEGY_NAMES", "TensorMismatchError", "DtypeMismatchError",
+]
 
 #: What the ``strategy`` argument of the functions here accepts: ``'auto'`` (the rule),
 #: ``'benchmark'`` (time the strategies once per shape, keep the fastest) or a strategy's name.
@@ -57,7 +64,9 @@ def _strategy(
         return "kernel_branches"  # the one strategy whose convolution takes an empty batch as it is
     if name not in ("auto", "benchmark"):
         return name
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+    if torch.jit.is_tracing():  # the traced graph must serve every batch size
+        return "kernel_branches" if torch.onnx.is_in_onnx_export() else _TRACED
+    if torch.compiler.is_exporting() and isinstance(x.shape[0], torch.SymInt):
         return "kernel_branches"
     if name == "benchmark" and not torch.compiler.is_compiling():
         return strategies.benchmark(x, weight, attention, bias, stride, padding, dilation, groups)
@@ -65,6 +74,15 @@ def _strategy(
     if torch.compiler.is_compiling() and not strategies.STRATEGIES[chosen].any_batch:
         return "batch_as_groups"
     return chosen
+
+
+#: What ``torch.jit.trace`` records instead of a strategy: batch-as-groups compiled by TorchScript.
+_TRACED = "batch_as_groups_script"
+
+
+@functools.lru_cache(maxsize=None)
+def _scripted_batch_as_groups() -> Callable[..., Tensor]:
+    return torch.jit.script(strategies.batch_as_groups_script)
 
 
 def _autocast(tensors: Sequence[Optional[Tensor]], device_type: str) -> Sequence[Optional[Tensor]]:
@@ -87,14 +105,14 @@ def _dynamic_conv(
         supported = "/".join(str(d) for d in strategies.STRATEGIES[strategy].dims)
         raise ValueError(f"strategy {strategy!r} runs {supported}-D convolutions only, not {dims}-D")
     if x.dim() not in (dims + 1, dims + 2):
-        raise ValueError(
+        raise TensorMismatchError(
             f"x must be {dims + 2}-D {input_text(dims)} or {dims + 1}-D {input_text(dims, batched=False)}, "
             f"got {x.dim()}-D input of shape {tuple(x.shape)}"
         )
     unbatched = x.dim() == dims + 1
     if unbatched:
         if attention.dim() != 1:
-            raise ValueError(
+            raise TensorMismatchError(
                 f"for unbatched x {input_text(dims, batched=False)} attention must be 1-D [K], "
                 f"got shape {tuple(attention.shape)}"
             )
@@ -110,8 +128,11 @@ def _dynamic_conv(
         x = F.pad(x, [p for b, a in zip(reversed(before), reversed(after)) for p in (0, a - b)])
     out_shape = check_output_shape(x, weight, stride_, before, dilation_)
     name = _strategy(strategy, x, weight, attention, bias, stride_, before, dilation_, groups_, out_shape)
-    run = strategies.STRATEGIES[name].run
-    out = run(x, weight, attention, bias, stride_, before, dilation_, groups_)
+    if name == _TRACED:
+        out = _scripted_batch_as_groups()(x, weight, attention, bias, list(stride_), list(before), list(dilation_),
+                                          groups_)
+    else:
+        out = strategies.STRATEGIES[name].run(x, weight, attention, bias, stride_, before, dilation_, groups_)
     return out.squeeze(0) if unbatched else out
 
 

@@ -9,7 +9,7 @@ number of spatial dimensions, as torch's ``_ConvNd`` does.
 """
 
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -18,8 +18,10 @@ from torch import Tensor
 
 from ._utils import (
     SPATIAL,
+    DtypeMismatchError,
     IntOrTuple,
     Padding,
+    TensorMismatchError,
     autocast_dtype,
     check_conv_args,
     explicit_padding,
@@ -28,6 +30,7 @@ from ._utils import (
     positive_int,
 )
 from .functional import STRATEGY_NAMES, _dynamic_conv
+from .strategies import batch_as_groups_script
 
 __all__ = [
     "DynamicConv1d",
@@ -48,8 +51,6 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _checked_temperature(value: object) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
     if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or math.isinf(value):
         raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE}, got {value!r}")
     if value < MIN_TEMPERATURE:
@@ -65,14 +66,16 @@ def _check_input(x: Tensor, layer: "_DynamicConvNd") -> Tensor:
     ``torch.fx.symbolic_trace`` keeps it as one call instead of tracing its branches)."""
     name, dims = type(layer).__name__, layer._dims
     if x.dim() not in (dims + 1, dims + 2):
-        raise ValueError(
+        raise TensorMismatchError(
             f"{name} expects {input_text(dims)} or {input_text(dims, batched=False)} input, got shape {tuple(x.shape)}"
         )
     if x.shape[-dims - 1] != layer.in_channels:
-        raise ValueError(f"{name} expects in_channels={layer.in_channels}, got input of shape {tuple(x.shape)}")
+        raise TensorMismatchError(
+            f"{name} expects in_channels={layer.in_channels}, got input of shape {tuple(x.shape)}"
+        )
     weight = layer.weight
     if x.device != weight.device or (x.dtype != weight.dtype and autocast_dtype(x.device.type) is None):
-        raise TypeError(f"input is {x.dtype} on {x.device} but the layer is {weight.dtype} on {weight.device}")
+        raise DtypeMismatchError(f"input is {x.dtype} on {x.device} but the layer is {weight.dtype} on {weight.device}")
     return x
 
 
@@ -87,32 +90,12 @@ torch.fx.wrap("_float_under_autocast")
 torch.fx.wrap("_dynamic_conv")
 
 
-def _scripted_conv(
-    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], num_kernels: int, stride: List[int],
-    padding: List[int], dilation: List[int], groups: int,
-) -> Tensor:
-    """Batch-as-groups as TorchScript compiles it (the layer's forward under ``torch.jit.script``):
-    ``weight`` is the layer's 4-D storage ``[K*O, C/g, *kernel]``; no checks, contiguous output."""
-    unbatched = x.dim() == weight.dim() - 1
-    if unbatched:
-        x, attention = x.unsqueeze(0), attention.unsqueeze(0)
-    B, C, O = x.shape[0], x.shape[1], weight.shape[0] // num_kernels
-    # TorchScript's sizes are List[int] (torch.Size for mypy): hence the ignores.
-    mixed = torch.mm(attention, weight.reshape(num_kernels, -1)).reshape([B * O] + weight.shape[1:])  # type: ignore[operator]
-    mixed_bias = None if bias is None else torch.mm(attention, bias).reshape(-1)
-    folded = x.reshape([1, B * C] + x.shape[2:])  # type: ignore[operator]
-    no_output_padding = [0 for _ in stride]
-    out = torch.convolution(folded, mixed, mixed_bias, stride, padding, dilation, False, no_output_padding, B * groups)
-    out = out.reshape([B, O] + out.shape[2:])  # type: ignore[operator]
-    return out.squeeze(0) if unbatched else out
-
-
 class _DynamicConvNd(nn.Module):
     """The layer for ``_dims`` spatial dimensions; :class:`DynamicConv2d` documents it."""
 
     _dims: int = 2
-    __constants__ = ["in_channels", "out_channels", "num_kernels", "groups", "routing", "padding_mode"]
-    __jit_unused_properties__ = ["bank"]
+    __constants__ = ["_dims", "in_channels", "out_channels", "num_kernels", "groups", "routing", "padding_mode"]
+    __jit_unused_properties__ = ["bank", "temperature"]
     last_attention: Optional[Tensor]
 
     def __init__(
@@ -128,7 +111,7 @@ class _DynamicConvNd(nn.Module):
         padding_mode: str = "zeros",
         num_kernels: int = 4,
         reduction: int = 4,
-        temperature: float = 30.0,
+        temperature: float = 1.0,
         routing: str = "softmax",
         strategy: str = "auto",
         device: Optional[Union[torch.device, str]] = None,
@@ -174,37 +157,43 @@ class _DynamicConvNd(nn.Module):
             )
         )
         self.bias = nn.Parameter(torch.empty(self.num_kernels, self.out_channels, **factory)) if bias else None
-        # A buffer, not a float: annealed during training, saved in the state_dict, and read by
-        # compiled, traced and scripted graphs at run time (a float would be baked into them).
-        self.register_buffer("temperature", torch.tensor(_checked_temperature(temperature), **factory))
+        self.temperature = temperature
         self.last_attention = None
         self.reset_parameters()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # layer.temperature = 5.0 checks the number and writes it into the buffer in place, so
-        # every graph that holds the buffer (traced, scripted) sees the new value.
-        if name == "temperature" and "temperature" in self._buffers:
-            with torch.no_grad():
-                self._buffers["temperature"].fill_(_checked_temperature(value))  # type: ignore[union-attr]
-            return
-        super().__setattr__(name, value)
 
     @property
     def bank(self) -> Tensor:
         """The kernel bank ``Theta`` as ``(K, O, C/groups, *kernel_size)``: a view of :attr:`weight`."""
         return self.weight.unflatten(0, (self.num_kernels, self.out_channels))
 
+    @property
+    def temperature(self) -> float:
+        """Softmax/sigmoid temperature ``tau``; must stay >= :data:`~dyconv_teach.layers.MIN_TEMPERATURE`."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = _checked_temperature(value)
+
+    def get_extra_state(self) -> Tensor:
+        """Save ``temperature`` in the ``state_dict`` (a 0-d float64 tensor, which exporters and
+        FLOP counters that read the state_dict take as they take any tensor): it is annealed during
+        training, so a checkpoint loaded into a fresh layer must bring it back."""
+        return torch.tensor(self.temperature, dtype=torch.float64)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the ``temperature`` saved by :meth:`get_extra_state` (or, from checkpoints of
+        dyconv_teach before 0.2, the dict ``{"temperature": tau}``)."""
+        self.temperature = state["temperature"] if isinstance(state, dict) else float(state)
+
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict: Dict[str, Any], prefix: str, *args, **kwargs
     ) -> None:
         # Checkpoints of dyconv_teach before 0.2 stored the bank with one more axis,
-        # (K, O, C/groups, *kernel_size), and the temperature as extra state.
+        # (K, O, C/groups, *kernel_size).
         weight = state_dict.get(prefix + "weight")
         if weight is not None and weight.dim() == self._dims + 3:
             state_dict[prefix + "weight"] = weight.flatten(0, 1)
-        extra = state_dict.pop(prefix + "_extra_state", None)
-        if extra is not None:
-            state_dict[prefix + "temperature"] = torch.tensor(_checked_temperature(extra["temperature"]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
@@ -225,7 +214,7 @@ class _DynamicConvNd(nn.Module):
         logits = self.fc2(F.relu(self.fc1(x.mean(self._pool_dims))))
         if not torch.jit.is_scripting():
             logits = _float_under_autocast(logits)
-        logits = logits / self.temperature
+        logits = logits / self._temperature
         if self.routing == "softmax":
             return torch.softmax(logits, dim=-1)
         return torch.sigmoid(logits)
@@ -238,8 +227,13 @@ class _DynamicConvNd(nn.Module):
         self.last_attention = pi.detach()
         if self._prepad:
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self._pad_mode)
-        return _scripted_conv(x, self.weight, pi, self.bias, self.num_kernels, [s for s in self.stride],
-                              [p for p in self._conv_padding], [d for d in self.dilation], self.groups)
+        unbatched = x.dim() == self._dims + 1
+        if unbatched:
+            x, pi = x.unsqueeze(0), pi.unsqueeze(0)
+        bank = self.weight.reshape([self.num_kernels, self.out_channels] + self.weight.shape[1:])  # type: ignore[operator]
+        out = batch_as_groups_script(x, bank, pi, self.bias, [s for s in self.stride], [p for p in self._conv_padding],
+                                     [d for d in self.dilation], self.groups)
+        return out.squeeze(0) if unbatched else out
 
     @torch.jit.unused
     def _forward(self, x: Tensor) -> Tensor:
@@ -273,7 +267,7 @@ class _DynamicConvNd(nn.Module):
             s += ", routing={routing}"
         if self.strategy != "auto":
             s += ", strategy={strategy}"
-        return s.format(**self.__dict__, tau=float(self.temperature))  # type: ignore[arg-type]
+        return s.format(**self.__dict__, tau=self.temperature)
 
 
 _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sample by attention.
@@ -295,11 +289,14 @@ _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sam
         num_kernels: ``K``, kernels in the bank (``K >= 1``).
         reduction: the attention branch's hidden width is
             ``max(in_channels // reduction, num_kernels)`` (this package's choice).
-        temperature: ``tau >= MIN_TEMPERATURE`` (1e-3); logits are divided by it before the
-            softmax. The paper anneals it from 30 to 1 over the first epochs; see
-            :func:`linear_temperature` and :func:`set_temperature`.
-        routing: ``'softmax'`` (DyConv, weights sum to 1) or ``'sigmoid'``
-            (independent gates in (0, 1)).
+        temperature: ``tau >= MIN_TEMPERATURE`` (1e-3); the logits are divided by it before the
+            softmax or sigmoid. Default 1, the paper's value after annealing: Chen et al. start
+            at 30 (nearly uniform attention, so that every kernel learns early) and lower it
+            linearly to 1 over the first 10 epochs, which
+            ``set_temperature(model, linear_temperature(epoch))`` at the start of each epoch does.
+            A model that never anneals trains at the default.
+        routing: ``'softmax'`` (DyConv, weights sum to 1) or ``'sigmoid'`` (independent gates in
+            (0, 1); at temperature 1 those are CondConv's gates, and one schedule anneals both).
         strategy: how the core batches the convolution: ``'auto'`` (per device and
             shape, the rule of :func:`dyconv_teach.strategies.choose`), ``'benchmark'`` (the
             fastest on this machine, timed once per shape: :func:`dyconv_teach.strategies.benchmark`)
@@ -319,11 +316,23 @@ _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sam
             ``model.to(memory_format=...)`` treats it as a convolution weight); ``bank`` is its view
             ``(K, O, C/groups, *kernel_size)``.
         bias: bias bank ``(K, O)`` or ``None``.
-        temperature: ``tau``, a 0-d buffer (saved in the ``state_dict``); assign a number to change it.
         last_attention: detached ``pi`` of the last forward, ``(B, K)``, or ``None``.
 
     Under ``torch.autocast`` the attention's softmax (or sigmoid) runs in float32 and the
     kernel mixing and convolution in the autocast dtype.
+
+    Initialisation: each of the K kernels (and biases) is initialised as ``nn.Conv{dims}d``
+    initialises its one. Their mix, with weights summing to 1, is smaller: at uniform attention,
+    the mean of K independent kernels has ``1/sqrt(K)`` of one kernel's spread (half at K = 4), and
+    so has the output. A normalisation after the layer, as in the paper's networks, absorbs it.
+
+    NaN: the attention pools the whole input of a sample, so one NaN or infinity anywhere in a
+    sample makes that sample's whole output NaN (``nn.Conv{dims}d`` spoils only the outputs whose
+    receptive field holds it); the other samples are not touched.
+
+    ``last_attention`` is written by every forward (not under ``torch.export`` or fx tracing):
+    with several threads running one layer, it holds whichever forward wrote last. Call
+    :meth:`attention` on the input for the attention of a given call.
     """
 
 
@@ -358,11 +367,15 @@ def linear_temperature(epoch: float, start: float = 30.0, end: float = 1.0, anne
 
 
 def set_temperature(model: nn.Module, temperature: float) -> int:
-    """Set ``temperature`` on every dynamic convolution layer inside ``model``.
+    """Set ``temperature`` on every dynamic convolution layer inside ``model``, also in a model
+    compiled by ``torch.jit.script`` (whose layers hold a copy of their temperature).
 
     Returns how many layers were set, so a caller can check it found some.
     """
-    layers: List[_DynamicConvNd] = [m for m in model.modules() if isinstance(m, _DynamicConvNd)]
+    value = _checked_temperature(temperature)
+    names = {cls.__name__ for cls in (DynamicConv1d, DynamicConv2d, DynamicConv3d)}
+    layers = [m for m in model.modules() if isinstance(m, _DynamicConvNd)
+              or (isinstance(m, torch.jit.ScriptModule) and m.original_name in names)]
     for layer in layers:
-        layer.temperature = temperature  # type: ignore[assignment]
+        layer._temperature = value
     return len(layers)

@@ -47,6 +47,7 @@ __all__ = [
     "mix",
     "batch_as_groups_conv",
     "batch_as_groups",
+    "batch_as_groups_script",
     "kernel_branches",
     "per_sample",
     "fused",
@@ -173,6 +174,24 @@ def batch_as_groups(
     (for ``B = 1``, a plain convolution)."""
     batch_bias = None if bias is None else torch.mm(attention, bias)
     return batch_as_groups_conv(x, mix(weight, attention), batch_bias, stride, padding, dilation, groups)
+
+
+def batch_as_groups_script(
+    x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+    dilation: List[int], groups: int,
+) -> Tensor:
+    """:func:`batch_as_groups` as TorchScript compiles it: what the layers run under
+    ``torch.jit.script``, and what ``torch.jit.trace`` records, as a call of this function, so that
+    ``groups = B*g`` is computed when the graph runs and one traced graph serves every batch size.
+    The arguments as :func:`batch_as_groups` takes them, as lists; a contiguous output."""
+    B, C, K, O = x.shape[0], x.shape[1], weight.shape[0], weight.shape[1]
+    # TorchScript's sizes are List[int] (torch.Size for mypy): hence the ignores.
+    kernels = torch.mm(attention, weight.reshape(K, -1)).reshape([B * O] + weight.shape[2:])  # type: ignore[operator]
+    mixed_bias = None if bias is None else torch.mm(attention, bias).reshape(-1)
+    folded = x.reshape([1, B * C] + x.shape[2:])  # type: ignore[operator]
+    out = torch.convolution(folded, kernels, mixed_bias, stride, padding, dilation, False, [0 for _ in stride],
+                            B * groups)
+    return out.reshape([B, O] + out.shape[2:])  # type: ignore[operator]
 
 
 def _stacked_bank(weight: Tensor, groups: int) -> Tensor:

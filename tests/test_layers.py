@@ -207,7 +207,7 @@ def test_1d_and_3d_layers_store_their_bank_like_the_2d_one(dims: int) -> None:
     assert layer.weight.shape == (3 * 6, 2, *(3,) * dims) and layer.bank.shape == (3, 6, 2, *(3,) * dims)
     assert layer.kernel_size == (3,) * dims and layer.stride == (1,) * dims
     conv = getattr(nn, f"Conv{dims}d")(4, 6, 3, groups=2)
-    assert layer.extra_repr() == conv.extra_repr() + ", num_kernels=3, temperature=30.0"
+    assert layer.extra_repr() == conv.extra_repr() + ", num_kernels=3, temperature=1.0"
     with pytest.raises(ValueError, match=rf"DynamicConv{dims}d expects in_channels=4"):
         layer(randn(2, 5, *(6,) * dims))
     with pytest.raises(ValueError, match=rf"DynamicConv{dims}d expects \[B, C"):
@@ -237,11 +237,10 @@ def test_state_dict_round_trip_keeps_outputs_and_temperature() -> None:
 
 def test_loads_a_checkpoint_of_the_first_release() -> None:
     """dyconv_teach 0.1 saved the bank as ``weight`` [K, O, C/g, kH, kW] and the temperature as
-    extra state; such checkpoints still load, temperature included."""
+    the extra state ``{"temperature": tau}``; such checkpoints still load, temperature included."""
     layer = make_layer(seed=0)
     layer.temperature = 2.5
-    old = {k: v for k, v in layer.state_dict().items() if k != "temperature"}
-    old.update({"weight": layer.bank.detach().clone(), "_extra_state": {"temperature": 2.5}})
+    old = {**layer.state_dict(), "weight": layer.bank.detach().clone(), "_extra_state": {"temperature": 2.5}}
     assert old["weight"].dim() == 5
     fresh = make_layer(seed=1)
     fresh.load_state_dict(old)
@@ -250,15 +249,16 @@ def test_loads_a_checkpoint_of_the_first_release() -> None:
     assert torch.equal(fresh(x), layer(x))
 
 
-def test_temperature_is_a_buffer_that_graphs_read() -> None:
-    """The temperature lives in a 0-d buffer: saved in the state_dict, moved by ``.to``, and changed
-    in place, so a traced or scripted copy of the layer follows every later change."""
-    layer = make_layer(temperature=3.0)
-    assert layer.state_dict()["temperature"].shape == () and float(layer.temperature) == 3.0
-    assert layer.to(torch.float64).temperature.dtype == torch.float64
-    buffer = layer.temperature
-    layer.temperature = 7.0
-    assert layer.temperature is buffer and float(buffer) == 7.0
+def test_temperature_is_saved_as_a_tensor() -> None:
+    """The state_dict holds the temperature as a 0-d float64 tensor (tools that read a state_dict,
+    such as the ONNX exporter and fvcore, expect tensors there), exactly; and the layer has no buffer
+    (opacus refuses a trainable layer with buffers)."""
+    layer = make_layer(temperature=27.1)
+    saved = layer.state_dict()["_extra_state"]
+    assert isinstance(saved, Tensor) and saved.shape == () and saved.dtype == torch.float64
+    fresh = make_layer(temperature=1.0)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.temperature == 27.1 and list(layer.buffers()) == []
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -299,11 +299,11 @@ CONV_ARGS = [
 @pytest.mark.parametrize("args, kwargs", CONV_ARGS)
 def test_extra_repr_mirrors_conv2d(args: tuple, kwargs: dict[str, Any]) -> None:
     ours = DynamicConv2d(*args, **kwargs).extra_repr()
-    assert ours == nn.Conv2d(*args, **kwargs).extra_repr() + ", num_kernels=4, temperature=30.0"
+    assert ours == nn.Conv2d(*args, **kwargs).extra_repr() + ", num_kernels=4, temperature=1.0"
 
 
 def test_extra_repr_shows_non_default_arguments_only() -> None:
-    default = "3, 16, kernel_size=(3, 3), stride=(1, 1), num_kernels=4, temperature=30.0"
+    default = "3, 16, kernel_size=(3, 3), stride=(1, 1), num_kernels=4, temperature=1.0"
     assert DynamicConv2d(3, 16, 3).extra_repr() == default
     layer = DynamicConv2d(3, 16, 3, num_kernels=2, reduction=2, temperature=1, routing="sigmoid")
     assert layer.extra_repr() == (

@@ -84,6 +84,13 @@ def _float_under_autocast(logits: Tensor) -> Tensor:
     return logits.float() if autocast_dtype(logits.device.type) is not None else logits
 
 
+def _transformed(t: Tensor) -> bool:
+    """Whether ``t`` belongs to a ``torch.func`` transform (``vmap``, ``grad``): such a tensor must not
+    outlive the transform (a layer keeping it could no longer be copied). torch has no public test
+    for it; this is the one its own code uses (not inside ``torch.compile``, which cannot trace it)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 # torch.fx.symbolic_trace runs forward on proxies; these calls stay whole in its graph.
 torch.fx.wrap("_check_input")
 torch.fx.wrap("_float_under_autocast")
@@ -239,7 +246,7 @@ class _DynamicConvNd(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         x = _check_input(x, self)
         pi = self.attention(x)
-        if not (isinstance(pi, torch.fx.Proxy) or torch.compiler.is_exporting()):
+        if not (isinstance(pi, torch.fx.Proxy) or torch.compiler.is_exporting() or _transformed(pi)):
             self.last_attention = pi.detach()
         if self._prepad:
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self._pad_mode)
@@ -330,7 +337,8 @@ _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sam
     sample makes that sample's whole output NaN (``nn.Conv{dims}d`` spoils only the outputs whose
     receptive field holds it); the other samples are not touched.
 
-    ``last_attention`` is written by every forward (not under ``torch.export`` or fx tracing):
+    ``last_attention`` is written by every forward (not under ``torch.export``, fx tracing or a
+    ``torch.func`` transform):
     with several threads running one layer, it holds whichever forward wrote last. Call
     :meth:`attention` on the input for the attention of a given call.
     """

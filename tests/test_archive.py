@@ -21,10 +21,10 @@ from typing import List
 
 import nbformat
 import pytest
+from book_pages import BUILD_COMMAND, notebook_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT = ROOT / "_build" / "html" / "_static" / "dyconv-book.zip"
-BUILD_COMMAND = "jupyter-book build --all -W -n --keep-going ."
 LINK = "../_static/dyconv-book.zip"  # from a page in book/ to the archive in the built site
 CHAPTER = "book/02_static_convolution.ipynb"  # the one the fresh environment runs: torch, widgets, plots
 
@@ -46,7 +46,8 @@ def test_archive_holds_the_runnable_project_and_is_reproducible(tmp_path: Path) 
     assert first.read_bytes() == second.read_bytes(), "two archives of the same sources differ"
     names = zipfile.ZipFile(first).namelist()
     assert names == expected_names()
-    chapters = [f"dyconv-book/{p.relative_to(ROOT).as_posix()}" for p in sorted(ROOT.glob("book/0*.ipynb"))]
+    # Every notebook page of the book, the chapters and the reference's "Using the layer".
+    chapters = [f"dyconv-book/{page.file}.ipynb" for page in notebook_pages()]
     needed = ["README.md", "pyproject.toml", "requirements.txt", "dyconv_teach/__init__.py", "dyconv_teach/layers.py",
               "tools/gpu_check.py"]
     assert chapters and set(chapters) <= set(names)
@@ -63,9 +64,10 @@ def test_the_book_ships_the_archive() -> None:
 
 
 def test_every_chapter_links_the_archive_and_says_how_to_install() -> None:
-    """Each chapter's first cell links the download; the line above its first import of
-    ``dyconv_teach`` says how to install it, and the traceback of a failed import shows that line."""
-    chapters = sorted(ROOT.glob("book/0*.ipynb"))
+    """Each notebook page's first cell links the download (the chapters, and "Using the layer",
+    which a reader runs too); the line above its first import of ``dyconv_teach`` says how to
+    install it, and the traceback of a failed import shows that line."""
+    chapters = [page.source for page in notebook_pages()]
     assert chapters
     for path in chapters:
         nb = nbformat.read(path, as_version=4)

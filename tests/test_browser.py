@@ -3,9 +3,9 @@
 Serves ``_build/html`` on 127.0.0.1 and opens it in headless Chromium
 (Playwright). On each widget page it moves every control through its values and
 checks the shapes and messages shown against :mod:`dyconv_teach.teaching.shapes`. On
-every chapter, at a desktop's and a phone's width, it checks that no output is
-cut off. Build the book first (see the README); set ``DYCONV_HTML_DIR`` to test
-another build. Where Chromium cannot start the tests skip, except in CI (the
+every notebook page of ``_toc.yml``, at a desktop's and a phone's width, it checks
+that no output is cut off. Build the book first (see the README); set
+``DYCONV_HTML_DIR`` to test another build. Where Chromium cannot start the tests skip, except in CI (the
 ``CI`` environment variable is set), where they fail.
 """
 
@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 from urllib.parse import urlparse
 
 import pytest
+from book_pages import BUILD_COMMAND, notebook_pages
 
 from dyconv_teach.teaching.explorer import Explorer
 from dyconv_teach.teaching.shapes import (
@@ -35,8 +36,9 @@ from dyconv_teach.teaching.widgets import batch_kernel_explorer, grouped_conv_ex
 
 ROOT = Path(__file__).resolve().parents[1]
 HTML_DIR = Path(os.environ.get("DYCONV_HTML_DIR", ROOT / "_build" / "html"))
-CHAPTER_PAGES = sorted(f"book/{p.stem}.html" for p in (ROOT / "book").glob("0*.ipynb"))
-BUILD_COMMAND = "jupyter-book build --all -W -n --keep-going ."
+# Every notebook page, in reading order: the chapters and "Using the layer" (the markdown pages
+# hold no code cells or outputs to check).
+CHAPTER_PAGES = [page.html for page in notebook_pages()]
 
 
 def fmt(shape: Shape) -> str:

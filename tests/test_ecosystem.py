@@ -196,6 +196,7 @@ def test_torch_func_grad_and_per_sample_gradients() -> None:
     expected = per_sample_grads(net, x, y)
     for name in params:
         torch.testing.assert_close(each[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    copy.deepcopy(net)  # no tensor of the transforms was left in the layers (last_attention)
 
 
 def test_opacus_grad_sample_module() -> None:

@@ -235,6 +235,18 @@ def test_gradcheck(
 
 
 @pytest.mark.parametrize("strategy", CPU_STRATEGIES)
+def test_second_derivatives(strategy: str) -> None:
+    """Gradient penalties differentiate a gradient: every strategy is plain torch operations, so
+    autograd differentiates it twice (gradgradcheck, float64, bias and groups)."""
+    gen = torch.Generator().manual_seed(4)
+    kw: dict[str, Any] = {"generator": gen, "dtype": torch.float64, "requires_grad": True}
+    args = (torch.randn(3, 4, 5, 5, **kw), torch.randn(2, 4, 2, 3, 3, **kw), torch.randn(3, 2, **kw),
+            torch.randn(2, 4, **kw))
+    assert torch.autograd.gradgradcheck(
+        lambda *t: dynamic_conv2d(*t, padding=1, groups=2, strategy=strategy), args)
+
+
+@pytest.mark.parametrize("strategy", CPU_STRATEGIES)
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_batch_independence(dims: int, strategy: str) -> None:
     """Sample i's output never depends on sample j's input or attention row."""

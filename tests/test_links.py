@@ -18,10 +18,10 @@ from typing import Dict, List, Optional, Set, Tuple
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from book_pages import BUILD_COMMAND, chapters, pages
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "_build" / "html"
-BUILD_COMMAND = "jupyter-book build --all -W -n --keep-going ."
 
 # (tag, attribute) pairs whose value is a URL the browser follows or loads.
 LINK_ATTRS = {("a", "href"), ("link", "href"), ("script", "src"), ("img", "src"), ("source", "src"),
@@ -144,12 +144,25 @@ def test_no_offsite_scripts_or_stylesheets(site: Tuple[List[str], List[str], Lis
 
 
 def test_book_pages_were_checked() -> None:
-    """The checker saw the chapters (a build with no pages would pass vacuously)."""
+    """The checker saw every page of ``_toc.yml`` (a build with no pages would pass vacuously)."""
     if not (BUILD / "index.html").is_file():
         pytest.fail(f"no built book at {BUILD}: run `{BUILD_COMMAND}` from the repository root first")
-    names = {p.name for p in BUILD.joinpath("book").glob("*.html")}
-    chapters = {p.stem + ".html" for p in ROOT.joinpath("book").glob("0*.ipynb")}
-    assert chapters and chapters <= names, f"chapters missing from the build: {sorted(chapters - names)}"
+    built = {p.relative_to(BUILD).as_posix() for p in BUILD.rglob("*.html")}
+    listed = {page.html for page in pages()}
+    assert listed and listed <= built, f"pages missing from the build: {sorted(listed - built)}"
+
+
+def test_every_page_is_in_the_toc() -> None:
+    """Every notebook and markdown page in ``book/`` is listed in ``_toc.yml``, and every entry
+    there has its source. The build renders only the pages the toc lists (``only_build_toc_files``)
+    and the tests go through the pages it lists, so a page left out would be silently dropped."""
+    listed = {page.file for page in pages()}
+    sources = {p.with_suffix("").relative_to(ROOT).as_posix()
+               for suffix in ("ipynb", "md") for p in ROOT.joinpath("book").glob(f"*.{suffix}")}
+    assert sources - listed == set(), f"pages in book/ that _toc.yml does not list: {sorted(sources - listed)}"
+    missing = sorted(page.file for page in pages() if not page.source.is_file())
+    assert missing == [], f"_toc.yml lists pages with no .ipynb or .md source: {missing}"
+    assert chapters() and all(page.notebook for page in chapters()), "the numbered chapters are notebooks"
 
 
 def test_checker_finds_broken_links(tmp_path: Path) -> None:

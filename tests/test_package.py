@@ -14,10 +14,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from book_pages import BUILD_COMMAND
 
 ROOT = Path(__file__).resolve().parents[1]
 API_PAGE = ROOT / "_build" / "html" / "book" / "api.html"
-BUILD_COMMAND = "jupyter-book build --all -W -n --keep-going ."
 
 #: The layer's modules, what ``pip install .`` needs, and the book's helpers.
 LAYER_MODULES = ["dyconv_teach", "dyconv_teach.functional", "dyconv_teach.layers", "dyconv_teach.strategies",

@@ -15,7 +15,7 @@ from dyconv_teach.teaching.shapes import (
     conv2d_output_size,
     grouped_conv_shapes,
     output_size_formula,
-    record_conv2d_calls,
+    record_conv_calls,
     shape_text,
     static_conv_shapes,
 )
@@ -60,8 +60,8 @@ def test_output_size_errors_name_the_bad_value(kwargs: dict, message: str) -> No
         conv2d_output_size(**kwargs)
 
 
-def test_record_conv2d_calls_records_failed_calls_too() -> None:
-    with record_conv2d_calls() as rec:
+def test_record_conv_calls_records_failed_calls_too() -> None:
+    with record_conv_calls() as rec:
         F.conv2d(torch.zeros(2, 4, 6, 6), torch.zeros(6, 2, 3, 3), groups=2)
         with pytest.raises(RuntimeError):
             F.conv2d(torch.zeros(1, 4, 6, 6), torch.zeros(6, 3, 3, 3))

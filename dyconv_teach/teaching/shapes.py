@@ -33,8 +33,8 @@ __all__ = [
     "Example",
     "EXAMPLE",
     "shape_text",
-    "Conv2dCall",
-    "record_conv2d_calls",
+    "ConvCall",
+    "record_conv_calls",
     "conv2d_output_size",
     "output_size_formula",
     "StaticConvShapes",
@@ -112,8 +112,8 @@ def output_size_formula(size: int, kernel_size: int, stride: int = 1, padding: i
 
 
 @dataclass(frozen=True)
-class Conv2dCall:
-    """The arguments and result of one ``F.conv2d`` call, as shapes."""
+class ConvCall:
+    """The arguments and result of one ``F.conv1d``, ``F.conv2d`` or ``F.conv3d`` call, as shapes."""
 
     input: Shape
     weight: Shape
@@ -121,30 +121,34 @@ class Conv2dCall:
     output: Optional[Shape] = None  # None when the call raised
 
 
-class record_conv2d_calls(TorchFunctionMode):
-    """Context manager that records every ``F.conv2d`` call made inside it.
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)
 
-    ``with record_conv2d_calls() as calls: f(...)`` leaves one
-    :class:`Conv2dCall` per call in ``calls.calls``, also for a call that raised,
-    so a shape is read off the real call instead of recomputed by hand.
+
+class record_conv_calls(TorchFunctionMode):
+    """Context manager that records every ``F.conv1d``, ``F.conv2d`` and ``F.conv3d`` call made
+    inside it.
+
+    ``with record_conv_calls() as calls: f(...)`` leaves one :class:`ConvCall` per call in
+    ``calls.calls``, also for a call that raised, so a shape is read off the real call instead
+    of recomputed by hand.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: List[Conv2dCall] = []
+        self.calls: List[ConvCall] = []
 
     def __torch_function__(
         self, func: Callable[..., Any], types: Any, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func is not F.conv2d:
+        if func not in _CONVS:
             return func(*args, **kwargs)
         x, weight = args[0], kwargs["weight"] if "weight" in kwargs else args[1]
         groups = kwargs.get("groups", args[6] if len(args) > 6 else 1)
-        call = Conv2dCall(tuple(x.shape), tuple(weight.shape), int(groups))
+        call = ConvCall(tuple(x.shape), tuple(weight.shape), int(groups))
         self.calls.append(call)
         out = func(*args, **kwargs)
-        self.calls[-1] = Conv2dCall(call.input, call.weight, call.groups, tuple(out.shape))
+        self.calls[-1] = ConvCall(call.input, call.weight, call.groups, tuple(out.shape))
         return out
 
 
@@ -219,10 +223,10 @@ class BatchKernelShapes:
     mixed: Shape  # pi @ flat_bank, [B, O*C/g*k*k]: K is summed away
     aggregated: Shape  # one kernel set per sample, [B, O, C/g, k, k]
     naive_error: str  # what F.conv2d says to the 5-D weight
-    blog_call: Conv2dCall  # the blog code's F.conv2d call: its .view'ed weight and groups
+    blog_call: ConvCall  # the blog code's F.conv2d call: its .view'ed weight and groups
     blog_error: Optional[str]  # None when the blog code works (B = 1)
     blog_output: Optional[Shape]  # the blog code's final .view, when it works
-    trick_call: Conv2dCall  # x [1, B*C, H, W], weight [B*O, C/g, k, k], groups=B*g
+    trick_call: ConvCall  # x [1, B*C, H, W], weight [B*O, C/g, k, k], groups=B*g
     trick_output: Shape  # [B, O, H', W']
     matches_loop: bool  # the trick equals the per-sample loop (torch.allclose)
 
@@ -252,7 +256,7 @@ def batch_kernel_shapes(
     flat_bank = bank.reshape(K, -1)
     mixed = pi @ flat_bank
 
-    with record_conv2d_calls() as naive:
+    with record_conv_calls() as naive:
         try:
             naive_conv2d(x, bank, pi, groups=g)
         except RuntimeError as exc:
@@ -262,13 +266,13 @@ def batch_kernel_shapes(
 
     blog_error: Optional[str] = None
     blog_output: Optional[Shape] = None
-    with record_conv2d_calls() as blog:
+    with record_conv_calls() as blog:
         try:
             blog_output = tuple(blog_dynamic_conv2d(x, bank, pi, groups=g).shape)
         except RuntimeError as exc:
             blog_error = str(exc)
 
-    with record_conv2d_calls() as trick:
+    with record_conv_calls() as trick:
         out = dynamic_conv2d(x, bank, pi, groups=g, strategy="batch_as_groups")
     loop: Tensor = per_sample_conv(x, bank, pi, groups=g)
 

@@ -88,7 +88,8 @@ def batch_as_groups_conv(
     a symbolic batch size is more than the compiler's own convolution can take.
     """
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        return torch.ops.dyconv_teach.batch_as_groups_conv(x, weight, bias, stride, padding, dilation, groups)
+        op = torch.ops.dyconv_teach.batch_as_groups_conv
+        return op(x, weight, bias, stride, padding, dilation, groups)
     B, C = x.shape[:2]
     O = weight.shape[1]
     # Move the batch into the channels so each sample is one group of C channels and

@@ -122,7 +122,7 @@ def vmap_conv2d(
     return torch.func.vmap(one)(x, kernels, torch.matmul(attention, bias))
 
 
-#: The peers: dynamic convolution as other code computes it, each with the core's signature.
+#: The peers, dynamic convolution as other code computes it, each with the core's signature.
 PEERS: Dict[str, DynamicConvFn] = {
     "grouped trick": grouped_trick_conv2d,  # type: ignore[dict-item]
     "per-sample loop": per_sample_conv,

@@ -340,7 +340,7 @@ _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sam
     ``last_attention`` is written by every forward (not under ``torch.export``, fx tracing or a
     ``torch.func`` transform):
     with several threads running one layer, it holds whichever forward wrote last. Call
-    :meth:`attention` on the input for the attention of a given call.
+    ``layer.attention(x)`` for the attention of a given call.
     """
 
 

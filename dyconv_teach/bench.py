@@ -128,7 +128,9 @@ PEERS: Dict[str, DynamicConvFn] = {
     "per-sample loop": per_sample_conv,
     "vmap": vmap_conv2d,
 }
+#: The name of the baseline entry of :data:`STRATEGIES`, the static convolution.
 BASELINE = "static conv"
+#: The name of the core's entry of :data:`STRATEGIES`, ``dynamic_conv2d`` with ``strategy='auto'``.
 CORE = "dynamic_conv2d"
 #: Name -> callable with the signature of :func:`~dyconv_teach.functional.dynamic_conv2d`. The first entry is
 #: the static baseline every ratio is taken against; the second is the core, which picks one of

@@ -200,15 +200,10 @@ def check_output_shape(
     return shape
 
 
-# The device types torch.autocast knows. (torch.amp.is_autocast_available would say, but
-# torch.compile cannot trace it.)
-_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
-
-
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` casts to on ``device_type``, or ``None`` outside autocast
     (and on device types without autocast, such as ``meta``)."""
-    if device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

@@ -70,10 +70,7 @@ def _strategy(
         return "kernel_branches"
     if name == "benchmark" and not torch.compiler.is_compiling():
         return strategies.benchmark(x, weight, attention, bias, stride, padding, dilation, groups)
-    chosen = strategies.choose(x.device.type, x.shape[0], weight, out_shape)
-    if torch.compiler.is_compiling() and not strategies.STRATEGIES[chosen].any_batch:
-        return "batch_as_groups"
-    return chosen
+    return strategies.choose(x.device.type, x.shape[0], weight, out_shape)
 
 
 #: What ``torch.jit.trace`` records instead of a strategy: batch-as-groups compiled by TorchScript.

@@ -277,24 +277,22 @@ def fused(
 
 class Strategy(NamedTuple):
     """A strategy: ``run(x, weight, attention, bias, stride, padding, dilation, groups) -> out``,
-    the device types and numbers of spatial dimensions it runs on, and whether one compiled
-    graph of it serves every batch size (``torch.compile(dynamic=True)``)."""
+    and the device types and numbers of spatial dimensions it runs on."""
 
     run: Callable[..., Tensor]
     devices: Tuple[str, ...] = ("cpu", "cuda")
     dims: Tuple[int, ...] = (1, 2, 3)
-    any_batch: bool = True
 
 
 #: Every strategy the core can run, by name (``fused`` where Triton is installed).
 STRATEGIES: Dict[str, Strategy] = {
     "batch_as_groups": Strategy(batch_as_groups),
     "kernel_branches": Strategy(kernel_branches),
-    "per_sample": Strategy(per_sample, any_batch=False),
+    "per_sample": Strategy(per_sample),
 }
 if importlib.util.find_spec("triton") is not None:
     # On CPU tensors the kernels run only under Triton's interpreter, for tests and teaching.
-    STRATEGIES["fused"] = Strategy(fused, devices=("cuda",), dims=(2,), any_batch=False)
+    STRATEGIES["fused"] = Strategy(fused, devices=("cuda",), dims=(2,))
 
 
 def mixed_weight_bytes(batch: int, weight: Tensor) -> int:

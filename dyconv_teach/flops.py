@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
+from torch import nn
+
 if TYPE_CHECKING:
     from .layers import _DynamicConvNd
 
@@ -53,7 +55,8 @@ def layer_macs(layer: "_DynamicConvNd", input_shape: Sequence[int], output_shape
     macs = _macs(input_shape, layer.bank.shape, output_shape, layer.bias is not None)
     B, C = input_shape[:2]
     macs["pooling"] = B * C * _product(input_shape[2:])
-    macs["attention"] = B * sum(m.in_features * m.out_features for m in (layer.fc1, layer.fc2))
+    linears = [m for m in (layer.fc1, layer.fc2) if isinstance(m, nn.Linear)]  # one under CondConv's routing
+    macs["attention"] = B * sum(m.in_features * m.out_features for m in linears)
     return macs
 
 

@@ -2,9 +2,10 @@
 whose kernel depends on the input.
 
 Chen et al., "Dynamic Convolution: Attention over Convolution Kernels",
-CVPR 2020 (arXiv:1912.03458). With ``routing='sigmoid'`` the kernels are mixed
-by independent sigmoid gates as in CondConv (Yang et al., NeurIPS 2019,
-arXiv:1904.04971). One private class, ``_DynamicConvNd``, holds the layer for every
+CVPR 2020 (arXiv:1912.03458). With ``routing='condconv'`` the attention is CondConv's
+router instead (Yang et al., NeurIPS 2019, arXiv:1904.04971): one linear layer and independent
+sigmoid gates, no temperature; ``routing='sigmoid'`` keeps the paper's branch and temperature
+and only replaces the softmax by sigmoid gates. One private class, ``_DynamicConvNd``, holds the layer for every
 number of spatial dimensions, as torch's ``_ConvNd`` does.
 """
 
@@ -39,6 +40,7 @@ __all__ = [
     "set_temperature",
     "linear_temperature",
     "MIN_TEMPERATURE",
+    "ROUTINGS",
 ]
 
 #: The smallest temperature the layer accepts. At tau = 1e-3 the softmax is already
@@ -48,6 +50,8 @@ __all__ = [
 MIN_TEMPERATURE = 1e-3
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+#: The attention's routings: the paper's softmax, sigmoid gates on the paper's branch, CondConv's router.
+ROUTINGS = ("softmax", "sigmoid", "condconv")
 
 
 def _checked_temperature(value: object) -> float:
@@ -97,7 +101,23 @@ torch.fx.wrap("_float_under_autocast")
 torch.fx.wrap("_dynamic_conv")
 
 
-class _DynamicConvNd(nn.Module):
+class _Tempered:
+    """A layer whose attention divides its logits by a temperature: the number, checked, and the
+    handle by which :func:`set_temperature` finds the layer."""
+
+    _temperature: float
+
+    @property
+    def temperature(self) -> float:
+        """Softmax/sigmoid temperature ``tau``; must stay >= :data:`~dyconv_teach.layers.MIN_TEMPERATURE`."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = _checked_temperature(value)
+
+
+class _DynamicConvNd(_Tempered, nn.Module):
     """The layer for ``_dims`` spatial dimensions; :class:`DynamicConv2d` documents it."""
 
     _dims: int = 2
@@ -131,8 +151,8 @@ class _DynamicConvNd(nn.Module):
         self.out_channels = positive_int("out_channels", out_channels)
         self.num_kernels = positive_int("num_kernels (K)", num_kernels)
         self.reduction = positive_int("reduction", reduction)
-        if routing not in ("softmax", "sigmoid"):
-            raise ValueError(f"routing must be 'softmax' or 'sigmoid', got {routing!r}")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.groups = positive_int("groups", groups)
@@ -155,9 +175,11 @@ class _DynamicConvNd(nn.Module):
         self._conv_padding: Tuple[int, ...] = (0,) * dims if self._prepad else before
         self._pool_dims = list(range(-dims, 0))
         hidden = max(self.in_channels // self.reduction, self.num_kernels)
-        # The attention branch of the paper: squeeze (avgpool), excite (FC-ReLU-FC) to K logits.
-        self.fc1 = nn.Linear(self.in_channels, hidden, **factory)
-        self.fc2 = nn.Linear(hidden, self.num_kernels, **factory)
+        # The attention branch of the paper: squeeze (avgpool), excite (FC-ReLU-FC) to K logits; or
+        # CondConv's router: avgpool, one linear layer to K logits.
+        condconv = routing == "condconv"
+        self.fc1 = nn.Linear(self.in_channels, self.num_kernels if condconv else hidden, **factory)
+        self.fc2 = nn.Identity() if condconv else nn.Linear(hidden, self.num_kernels, **factory)
         self.weight = nn.Parameter(
             torch.empty(
                 self.num_kernels * self.out_channels, self.in_channels // self.groups, *self.kernel_size, **factory
@@ -172,15 +194,6 @@ class _DynamicConvNd(nn.Module):
     def bank(self) -> Tensor:
         """The kernel bank ``Theta`` as ``(K, O, C/groups, *kernel_size)``: a view of :attr:`weight`."""
         return self.weight.unflatten(0, (self.num_kernels, self.out_channels))
-
-    @property
-    def temperature(self) -> float:
-        """Softmax/sigmoid temperature ``tau``; must stay >= :data:`~dyconv_teach.layers.MIN_TEMPERATURE`."""
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self._temperature = _checked_temperature(value)
 
     def get_extra_state(self) -> Tensor:
         """Save ``temperature`` in the ``state_dict`` (a 0-d float64 tensor, which exporters and
@@ -213,14 +226,19 @@ class _DynamicConvNd(nn.Module):
             nn.init.kaiming_uniform_(bank[j], a=math.sqrt(5))
             if self.bias is not None:
                 nn.init.uniform_(self.bias.data[j], -bound, bound)
-        self.fc1.reset_parameters()
-        self.fc2.reset_parameters()
+        for fc in (self.fc1, self.fc2):
+            if isinstance(fc, nn.Linear):  # fc2 is the identity under CondConv's routing
+                fc.reset_parameters()
 
     def attention(self, x: Tensor) -> Tensor:
         """Attention weights ``pi``: ``[B, K]`` for a batch, ``[K]`` for an unbatched input."""
-        logits = self.fc2(F.relu(self.fc1(x.mean(self._pool_dims))))
+        logits = self.fc1(x.mean(self._pool_dims))
+        if self.routing != "condconv":
+            logits = self.fc2(F.relu(logits))
         if not torch.jit.is_scripting():
             logits = _float_under_autocast(logits)
+        if self.routing == "condconv":
+            return torch.sigmoid(logits)
         logits = logits / self._temperature
         if self.routing == "softmax":
             return torch.softmax(logits, dim=-1)
@@ -280,7 +298,7 @@ class _DynamicConvNd(nn.Module):
 _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sample by attention.
 
     For an input ``x`` the layer computes attention weights
-    ``pi = softmax(fc2(relu(fc1(avgpool(x)))) / temperature)`` of shape ``[B, K]``
+    ``pi = softmax(fc2(relu(fc1(avgpool(x)))) / temperature)`` of shape ``[B, K]`` (see ``routing``)
     and convolves sample ``b`` with ``sum_j pi[b, j] * Theta_j`` (and bias
     ``sum_j pi[b, j] * bias[j]``). Arguments follow :class:`torch.nn.Conv{dims}d`.
 
@@ -302,8 +320,11 @@ _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sam
             linearly to 1 over the first 10 epochs, which
             ``set_temperature(model, linear_temperature(epoch))`` at the start of each epoch does.
             A model that never anneals trains at the default.
-        routing: ``'softmax'`` (DyConv, weights sum to 1) or ``'sigmoid'`` (independent gates in
-            (0, 1); at temperature 1 those are CondConv's gates, and one schedule anneals both).
+        routing: ``'softmax'`` (DyConv, weights sum to 1); ``'sigmoid'`` (the same branch with
+            independent gates in (0, 1), divided by the temperature too, so that one schedule
+            anneals both); or ``'condconv'``, CondConv's router: ``sigmoid(fc1(avgpool(x)))`` with one
+            linear layer ``fc1`` from C to K (``fc2`` is the identity), no hidden layer and no
+            temperature (the temperature is ignored).
         strategy: how the core batches the convolution: ``'auto'`` (per device and
             shape, the rule of :func:`dyconv_teach.strategies.choose`), ``'benchmark'`` (the
             fastest on this machine, timed once per shape: :func:`dyconv_teach.strategies.benchmark`)
@@ -375,14 +396,15 @@ def linear_temperature(epoch: float, start: float = 30.0, end: float = 1.0, anne
 
 
 def set_temperature(model: nn.Module, temperature: float) -> int:
-    """Set ``temperature`` on every dynamic convolution layer inside ``model``, also in a model
-    compiled by ``torch.jit.script`` (whose layers hold a copy of their temperature).
+    """Set ``temperature`` on every dynamic convolution layer inside ``model`` (``DynamicConv1d/2d/3d``,
+    ``ODConv2d``), also in a model compiled by ``torch.jit.script`` (whose layers hold a copy of
+    their temperature).
 
     Returns how many layers were set, so a caller can check it found some.
     """
     value = _checked_temperature(temperature)
-    names = {cls.__name__ for cls in (DynamicConv1d, DynamicConv2d, DynamicConv3d)}
-    layers = [m for m in model.modules() if isinstance(m, _DynamicConvNd)
+    names = {"DynamicConv1d", "DynamicConv2d", "DynamicConv3d", "ODConv2d"}
+    layers = [m for m in model.modules() if isinstance(m, _Tempered)
               or (isinstance(m, torch.jit.ScriptModule) and m.original_name in names)]
     for layer in layers:
         layer._temperature = value

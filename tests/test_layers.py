@@ -335,7 +335,7 @@ def test_works_inside_sequential_with_backward() -> None:
 BAD_LAYER_ARGS = [
     ({"num_kernels": 0}, r"num_kernels \(K\) must be a positive int, got 0"),
     ({"temperature": 0}, r"temperature must be >= 0.001 .*got 0"),
-    ({"routing": "foo"}, r"routing must be 'softmax' or 'sigmoid', got 'foo'"),
+    ({"routing": "foo"}, r"routing must be one of \('softmax', 'sigmoid', 'condconv'\), got 'foo'"),
     (
         {"padding_mode": "mirror"},
         r"padding_mode must be one of \('zeros', 'reflect', 'replicate', 'circular'\), got 'mirror'",
@@ -369,3 +369,35 @@ BAD_INPUTS = [
 def test_bad_inputs_raise(x: Tensor, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         make_layer()(x)
+
+
+def timm_condconv2d(x: Tensor, routing_weights: Tensor, weight: Tensor, bias: Tensor, out_channels: int,
+                    groups: int, padding: int) -> Tensor:
+    """The forward of timm's ``CondConv2d`` (``timm/layers/cond_conv2d.py``), after its routing: the
+    experts stored as ``weight`` ``[K, O*C/g*k*k]`` and ``bias`` ``[K, O]``, mixed by the routing
+    weights and run as one grouped convolution."""
+    B, C, H, W = x.shape
+    weight_shape = (out_channels, C // groups, 3, 3)
+    weight = torch.matmul(routing_weights, weight)
+    new_weight_shape = (B * out_channels,) + weight_shape[1:]
+    weight = weight.view(new_weight_shape)
+    bias = torch.matmul(routing_weights, bias).view(B * out_channels)
+    x = x.reshape(1, B * C, H, W)
+    out = F.conv2d(x, weight, bias, stride=1, padding=padding, dilation=1, groups=groups * B)
+    return out.permute([1, 0, 2, 3]).view(B, out_channels, out.shape[-2], out.shape[-1])
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_condconv_routing_is_timms(groups: int) -> None:
+    """``routing='condconv'`` is CondConv's router as timm's EfficientNet block runs it, ``sigmoid(
+    routing_fn(avgpool(x)))`` with one linear layer and no temperature, and the layer then computes
+    what timm's ``CondConv2d`` computes with those routing weights and the same experts."""
+    torch.manual_seed(0)
+    layer = DynamicConv2d(4, 6, 3, padding=1, groups=groups, num_kernels=3, routing="condconv",
+                          temperature=30.0, dtype=torch.float64)
+    assert isinstance(layer.fc2, nn.Identity) and layer.fc1.out_features == 3
+    x = randn(5, 4, 7, 7, dtype=torch.float64)
+    routing_weights = torch.sigmoid(layer.fc1(F.adaptive_avg_pool2d(x, 1).flatten(1)))  # timm's routing_fn
+    torch.testing.assert_close(layer.attention(x), routing_weights)  # no temperature, although tau = 30
+    expected = timm_condconv2d(x, routing_weights, layer.bank.reshape(3, -1), layer.bias, 6, groups, 1)
+    torch.testing.assert_close(layer(x), expected)

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 API_PAGE = ROOT / "_build" / "html" / "book" / "api.html"
 
 #: The layer's modules, what ``pip install .`` needs, and the book's helpers.
-LAYER_MODULES = ["dyconv_teach", "dyconv_teach.functional", "dyconv_teach.layers", "dyconv_teach.strategies",
-                 "dyconv_teach.reference", "dyconv_teach.bench"]
+LAYER_MODULES = ["dyconv_teach", "dyconv_teach.functional", "dyconv_teach.layers", "dyconv_teach.odconv",
+                 "dyconv_teach.strategies", "dyconv_teach.reference", "dyconv_teach.flops", "dyconv_teach.bench"]
 KERNEL_MODULES = ["dyconv_teach.kernels.triton_conv"]
 BOOK_MODULES = ["dyconv_teach.teaching.shapes", "dyconv_teach.teaching.explain", "dyconv_teach.teaching.plots",
                 "dyconv_teach.teaching.explorer", "dyconv_teach.teaching.widgets"]

@@ -50,7 +50,8 @@ __all__ = [
 MIN_TEMPERATURE = 1e-3
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-#: The attention's routings: the paper's softmax, sigmoid gates on the paper's branch, CondConv's router.
+#: The routings the attention offers. ``softmax`` is the paper's; ``sigmoid`` puts sigmoid gates on
+#: the paper's branch; ``condconv`` is CondConv's router (one linear layer, sigmoid, no temperature).
 ROUTINGS = ("softmax", "sigmoid", "condconv")
 
 

@@ -122,7 +122,8 @@ class ODConv2d(_Tempered, nn.Module):
     Attributes:
         weight: the kernels stored as ``(K*O, C/groups, kH, kW)`` (``model.to(memory_format=...)``
             treats it as a convolution weight); ``bank`` is its view ``(K, O, C/groups, kH, kW)``.
-            :meth:`load_state_dict` also takes the official layout, ``weight`` ``(K, O, C/groups, kH, kW)``.
+            :meth:`~torch.nn.Module.load_state_dict` also takes the official layout,
+            ``weight`` ``(K, O, C/groups, kH, kW)``.
         attention: the router, :class:`ODAttention`. Its BatchNorm normalises over the batch in
             training mode: a batch of one sample then has nothing to normalise over, and torch
             raises (as the official module does); in eval mode it uses its running statistics.
@@ -194,6 +195,7 @@ class ODConv2d(_Tempered, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Convolve ``x`` ``[B, C, H, W]`` with each sample's kernel: ``[B, O, H', W']``."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise TensorMismatchError(
                 f"ODConv2d expects [B, C, H, W] input with C = in_channels = {self.in_channels}, "

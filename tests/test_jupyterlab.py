@@ -194,6 +194,14 @@ def test_myst_renders_and_solutions_stay_hidden_until_opened(browser: Any, lab: 
     assert len(re.findall(r"^Exercise \d+", text, re.M)) == n_exercises, f"{chapter}: exercises not rendered"
     if "$" in "".join(source(c) for c in cells(chapter) if c["cell_type"] == "markdown"):
         assert markdown.locator(".katex").count() > 0, f"{chapter}: no rendered math"
+    # Each figure's caption cell shows its caption in italics under the figure (the HTML book drops
+    # that cell and numbers the caption instead: tests/test_figures.py); a link to a figure shows its
+    # description, never the bare label.
+    for i, cell in enumerate(cells(chapter)):
+        if "figure" in cell["metadata"].get("dyconv", {}):
+            caption = cell_list.nth(i).locator(".myst em").first
+            assert caption.is_visible() and caption.inner_text().strip(), f"{chapter}: caption cell {i} not shown"
+    assert not re.search(r"\bfig-[a-z0-9]", text), f"{chapter} shows a figure's label instead of a description"
     # No solution is visible until the reader opens it; a click opens a folded cell.
     assert_solutions_folded(chapter, cell_list)
     first = cell_list.nth(next(i for i in solution_cells(chapter) if cells(chapter)[i]["cell_type"] == "code"))

@@ -6,11 +6,16 @@ images, CSS, JS) must resolve to a file in the build, and an anchor to an
 collected, never fetched; but a page may not load a script or a stylesheet from
 another site, since the book must work offline and load no remote code.
 
+Every figure of the book also carries a numbered caption here, and has the id that ``{ref}``
+links to (``tests/test_figures.py`` checks the notebooks' side of the caption recipe).
+
 Build first: ``jupyter-book build --all -W -n --keep-going .``
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -19,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 from book_pages import BUILD_COMMAND, chapters, pages
+from book_pages import Page as BookPage
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "_build" / "html"
@@ -163,6 +169,78 @@ def test_every_page_is_in_the_toc() -> None:
     missing = sorted(page.file for page in pages() if not page.source.is_file())
     assert missing == [], f"_toc.yml lists pages with no .ipynb or .md source: {missing}"
     assert chapters() and all(page.notebook for page in chapters()), "the numbered chapters are notebooks"
+
+
+class _FigureParser(HTMLParser):
+    """The ``<figure>`` elements of a page, in page order: their id, caption number and caption text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.figures: List[Dict[str, str]] = []
+        self._open = 0  # <figure> elements open around the current position
+        self._span: Optional[str] = None  # "number" or "text" while inside such a caption span
+        self._depth = 0  # spans open inside it (math, code)
+
+    def handle_starttag(self, tag: str, attrs: List[Tuple[str, Optional[str]]]) -> None:
+        values = {name: value or "" for name, value in attrs}
+        if tag == "figure":
+            self._open += 1
+            self.figures.append({"id": values.get("id", ""), "number": "", "text": ""})
+        elif tag == "span" and self._span:
+            self._depth += 1
+        elif tag == "span" and self._open:
+            classes = values.get("class", "").split()
+            self._span = "number" if "caption-number" in classes else "text" if "caption-text" in classes else None
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "figure":
+            self._open -= 1
+        elif tag == "span" and self._depth:
+            self._depth -= 1
+        elif tag == "span":
+            self._span = None
+
+    def handle_data(self, data: str) -> None:
+        if self._span:
+            self.figures[-1][self._span] += data
+
+
+def figures_on(path: Path) -> List[Dict[str, str]]:
+    parser = _FigureParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    return parser.figures
+
+
+def figure_labels(page: BookPage) -> List[str]:
+    """The labels of a notebook page's figures, in reading order (its caption cells, see test_figures.py)."""
+    if not page.notebook:
+        return []
+    cells = json.loads(page.source.read_text(encoding="utf-8"))["cells"]
+    return [cell["metadata"]["dyconv"]["figure"] for cell in cells if "figure" in cell["metadata"].get("dyconv", {})]
+
+
+def test_figures_have_numbered_captions() -> None:
+    """Chapter N's figures are numbered N.1, N.2, ... in reading order, each with its caption and its
+    label as its id; no page shows a figure without a number and a caption."""
+    if not (BUILD / "index.html").is_file():
+        pytest.fail(f"no built book at {BUILD}: run `{BUILD_COMMAND}` from the repository root first")
+    numbers = {page.html: n for n, page in enumerate(chapters(), start=1)}
+    problems, seen = [], 0
+    for page in pages():
+        figures = figures_on(BUILD / page.html)
+        seen += len(figures)
+        labels = figure_labels(page)
+        if [f["id"] for f in figures] != labels:
+            problems.append(f"{page.html}: figure ids {[f['id'] for f in figures]}, caption cells {labels}")
+        for i, figure in enumerate(figures, start=1):
+            number = re.fullmatch(r"(?:Fig\.|Figure) (\d+(?:\.\d+)*)", figure["number"].strip())
+            expected = f"{numbers[page.html]}.{i}" if page.html in numbers else None
+            if number is None or (expected and number.group(1) != expected) or not figure["text"].strip():
+                problems.append(f"{page.html}: figure {figure['id'] or i} is captioned "
+                                f"{figure['number'].strip()!r} {figure['text'][:40]!r}, expected number {expected}")
+    assert seen, "no figure found in the built book"
+    assert not problems, "\n".join(problems)
 
 
 def test_checker_finds_broken_links(tmp_path: Path) -> None:

@@ -8,6 +8,18 @@ chapter run:
 (no argument: every notebook under book/). Runs with one thread so stored
 outputs never depend on the machine's core count.
 
+Figure captions are written once, in the italic markdown cell under the figure's code cell
+(``*The caption, with $math$ and `code`.*``), whose cell metadata names the figure's label,
+``{"dyconv": {"figure": "fig-group-wiring"}}``. JupyterLab shows that cell; the HTML book drops it
+(this script gives it the tag ``remove-cell``) and shows the caption numbered under the figure
+instead: this script copies the cell's text, without the asterisks, into the code cell's
+``{"mystnb": {"figure": {"name": label, "caption": text}}}``, which myst-nb renders as a numbered
+figure that ``{ref}`the figure below <fig-group-wiring>` `` links to. After editing only a caption,
+
+    python tools/execute_notebooks.py --captions-only book/03_grouped_convolution.ipynb
+
+copies the captions without running the notebook.
+
 Re-running an unchanged chapter leaves its file unchanged (except for timings
 the chapter prints), so a diff shows only real changes: no per-cell timing
 metadata is recorded, consecutive prints are stored as one output, and the
@@ -33,6 +45,50 @@ from dyconv_teach.teaching.explorer import DATA_PATTERN, STORED_DATA  # noqa: E4
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+# A figure's label: what {ref} links to, and the figure's id in the HTML page.
+FIGURE_LABEL = re.compile(r"fig-[a-z0-9]+(?:-[a-z0-9]+)*")
+# A caption cell's text: one italic paragraph, *...*, and nothing else.
+CAPTION = re.compile(r"\*(?!\*)(?P<text>\S(?:.*\S)?)(?<!\*)\*", re.S)
+
+
+def caption_text(source: str) -> str:
+    """The caption a caption cell holds: its one italic paragraph, without the asterisks."""
+    text = source.strip()
+    match = CAPTION.fullmatch(text)
+    if match is None or "\n\n" in text:
+        raise ValueError(f"a caption cell holds one italic paragraph, *...*, and nothing else: {text[:80]!r}")
+    return match["text"]
+
+
+def sync_figure_captions(nb: nbformat.NotebookNode, where: str = "notebook") -> None:
+    """Copy each caption cell's text into the ``mystnb.figure`` metadata of the code cell above it,
+    tag the caption cell ``remove-cell``, and drop the ``mystnb.figure`` of a code cell that no
+    caption cell follows any more."""
+    captioned = set()
+    for i, cell in enumerate(nb.cells):
+        label = cell.metadata.get("dyconv", {}).get("figure")
+        if label is None:
+            continue
+        if cell.cell_type != "markdown" or not FIGURE_LABEL.fullmatch(str(label)):
+            raise ValueError(f"{where}, cell {i}: dyconv.figure belongs on a markdown cell and is a label "
+                             f"like 'fig-group-wiring', not {label!r}")
+        if i == 0 or nb.cells[i - 1].cell_type != "code":
+            raise ValueError(f"{where}, cell {i}: the caption of {label} must follow its figure's code cell")
+        try:
+            caption = caption_text(cell.source)
+        except ValueError as error:
+            raise ValueError(f"{where}, cell {i} ({label}): {error}") from None
+        tags = cell.metadata.setdefault("tags", [])
+        if "remove-cell" not in tags:
+            tags.append("remove-cell")
+        nb.cells[i - 1].metadata.setdefault("mystnb", {})["figure"] = {"name": label, "caption": caption}
+        captioned.add(i - 1)
+    for i, cell in enumerate(nb.cells):
+        mystnb = cell.metadata.get("mystnb", {})
+        if cell.cell_type == "code" and i not in captioned and "figure" in mystnb:
+            del mystnb["figure"]
+            if not mystnb:
+                del cell.metadata["mystnb"]
 
 
 def coalesce_streams(outputs: list) -> list:
@@ -49,8 +105,16 @@ def coalesce_streams(outputs: list) -> list:
     return joined
 
 
+def write_captions(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    sync_figure_captions(nb, str(path.relative_to(ROOT)))
+    nbformat.write(nb, path)
+    print(f"captions copied in {path.relative_to(ROOT)}")
+
+
 def execute(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
+    sync_figure_captions(nb, str(path.relative_to(ROOT)))
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
                    store_widget_state=False, record_timing=False).execute()
     for cell in nb.cells:
@@ -67,6 +131,11 @@ def execute(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    paths = [Path(p).resolve() for p in sys.argv[1:]] or sorted((ROOT / "book").glob("*.ipynb"))
+    args = sys.argv[1:]
+    captions_only = "--captions-only" in args
+    paths = [Path(p).resolve() for p in args if p != "--captions-only"] or sorted((ROOT / "book").glob("*.ipynb"))
     for p in paths:
-        execute(p)
+        if captions_only:
+            write_captions(p)
+        else:
+            execute(p)

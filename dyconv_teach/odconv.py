@@ -125,8 +125,9 @@ class ODConv2d(_Tempered, nn.Module):
             :meth:`~torch.nn.Module.load_state_dict` also takes the official layout,
             ``weight`` ``(K, O, C/groups, kH, kW)``.
         attention: the router, :class:`ODAttention`. Its BatchNorm normalises over the batch in
-            training mode: a batch of one sample then has nothing to normalise over, and torch
-            raises (as the official module does); in eval mode it uses its running statistics.
+            training mode: a batch of one sample then has nothing to normalise over, and the
+            layer raises ``ValueError`` (the official module raises torch's); in eval mode it uses
+            its running statistics.
     """
 
     def __init__(
@@ -208,6 +209,11 @@ class ODConv2d(_Tempered, nn.Module):
         conv = (self.stride, self.padding, self.dilation, self.groups)
         if x.shape[0] == 0:  # nothing to attend to; an empty output, as nn.Conv2d gives
             return F.conv2d(x, self.bank[0], None, *conv)
+        if self.training and x.shape[0] == 1:
+            raise ValueError(
+                "ODConv2d's attention normalises over the batch (BatchNorm) in training mode, and a batch "
+                "of 1 sample has nothing to normalise over: train with batches of 2 or more, or call .eval()"
+            )
         channel, filter_, spatial, kernel = self.attention(x, self.temperature)
         x = x * channel[:, :, None, None].to(x.dtype)
         if spatial is None and kernel is None:  # a 1 x 1 kernel and K = 1: one kernel for all samples

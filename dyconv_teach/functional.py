@@ -149,8 +149,11 @@ _DOC = r"""Convolve each sample with its own attention-weighted mixture of K ker
         weight: kernel bank ``Theta``, ``{bank}``.
         attention: mixing weights ``pi``, ``[B, K]`` (``[K]`` for unbatched ``x``).
         bias: bias bank ``[K, O]`` or ``None``.
-        stride, padding, dilation, groups: as in :func:`torch.nn.functional.conv{dims}d`;
-            ``padding`` may also be ``'same'`` or ``'valid'``.
+        stride: step of the kernel over the input, an int or a tuple of {dims} ints.
+        padding: zeros added to both sides of each spatial axis: an int, a tuple of {dims} ints,
+            ``'same'`` (the output as large as the input; stride 1 only) or ``'valid'`` (no padding).
+        dilation: spacing between the kernel's taps, an int or a tuple of {dims} ints.
+        groups: ``g``; each filter reads ``C/g`` input channels (``C`` and ``O`` divisible by ``g``).
         strategy: ``'auto'`` (the rule of :func:`dyconv_teach.strategies.choose`,
             per device), ``'benchmark'`` (the fastest strategy on this machine, timed on the
             first call of each shape: :func:`dyconv_teach.strategies.benchmark`), or the name

@@ -307,14 +307,18 @@ _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sam
         in_channels: ``C``, channels of the input.
         out_channels: ``O``, channels of the output.
         kernel_size: an int or a tuple of {dims} ints.
-        stride, padding, dilation, groups: as in :class:`torch.nn.Conv{dims}d`;
-            ``padding`` may also be ``'same'`` or ``'valid'``.
+        stride: step of the kernel over the input, an int or a tuple of {dims} ints.
+        padding: added to both sides of each spatial axis (zeros, or as ``padding_mode`` says): an int,
+            a tuple of {dims} ints, ``'same'`` (the output as large as the input; stride 1 only) or
+            ``'valid'`` (no padding).
+        dilation: spacing between the kernel's taps, an int or a tuple of {dims} ints.
+        groups: ``g``; each filter reads ``C/g`` input channels (``C`` and ``O`` divisible by ``g``).
         bias: if ``True``, each of the K kernels has its own bias.
         padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``,
             as in :class:`torch.nn.Conv{dims}d`.
         num_kernels: ``K``, kernels in the bank (``K >= 1``).
         reduction: the attention branch's hidden width is
-            ``max(in_channels // reduction, num_kernels)`` (this package's choice).
+            ``max(in_channels // reduction, num_kernels)``, this package's choice (not taken from the paper).
         temperature: ``tau >= MIN_TEMPERATURE`` (1e-3); the logits are divided by it before the
             softmax or sigmoid. Default 1, the paper's value after annealing: Chen et al. start
             at 30 (nearly uniform attention, so that every kernel learns early) and lower it
@@ -330,7 +334,8 @@ _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sam
             shape, the rule of :func:`dyconv_teach.strategies.choose`), ``'benchmark'`` (the
             fastest on this machine, timed once per shape: :func:`dyconv_teach.strategies.benchmark`)
             or a name from :data:`dyconv_teach.strategies.STRATEGIES`. Results do not depend on it.
-        device, dtype: as in :class:`torch.nn.Conv{dims}d`.
+        device: where the parameters are created (``None``: torch's default device).
+        dtype: floating-point dtype of the parameters (``None``: torch's default dtype).
 
     Shape:
         - Input: ``{x}`` or ``{x1}``

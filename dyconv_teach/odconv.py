@@ -102,12 +102,12 @@ class ODConv2d(_Tempered, nn.Module):
 
         y[b] = filter[b] * conv2d(channel[b] * x[b], spatial[b] * sum_j kernel[b, j] * Theta_j)
 
-    as the official code computes it, with no bias (ODConv has none). Arguments follow
-    :class:`torch.nn.Conv2d` where they exist there, and the official ``ODConv2d`` otherwise.
+    as the official code computes it, with no bias (ODConv has none). ``in_channels``,
+    ``out_channels``, ``kernel_size``, ``stride``, ``padding`` (zeros, numeric), ``dilation``,
+    ``groups``, ``device`` and ``dtype`` are those of :class:`torch.nn.Conv2d`; the other arguments
+    follow the official ``ODConv2d``.
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups: as in
-            :class:`torch.nn.Conv2d` (zero padding, numeric).
         reduction: the router's hidden width is ``max(int(in_channels * reduction), min_channels)``
             (the official 0.0625 and 16).
         num_kernels: ``K`` (the official ``kernel_num``, 4 in the paper's ODConv (4x)).
@@ -117,7 +117,6 @@ class ODConv2d(_Tempered, nn.Module):
             does there). Not saved in the ``state_dict``, whose keys are the official ones.
         strategy: ``'auto'`` or ``'batch_as_groups'`` (the batching step; ODConv's spatial attention
             makes each sample's kernel its own, so the K-branch sum does not apply).
-        device, dtype: as in :class:`torch.nn.Conv2d`.
 
     Attributes:
         weight: the kernels stored as ``(K*O, C/groups, kH, kW)`` (``model.to(memory_format=...)``

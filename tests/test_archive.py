@@ -52,7 +52,7 @@ def test_archive_holds_the_runnable_project_and_is_reproducible(tmp_path: Path) 
               "tools/gpu_check.py"]
     assert chapters and set(chapters) <= set(names)
     assert {f"dyconv-book/{n}" for n in needed} <= set(names)
-    # The measurements chapters 8 and 9 read (book/data) travel with the chapters.
+    # The measurements chapters 8 and 10 read (book/data) travel with the chapters.
     data = {f"dyconv-book/{p.relative_to(ROOT).as_posix()}" for p in ROOT.glob("book/data/*.csv")}
     assert data and data <= set(names)
 

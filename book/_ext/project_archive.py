@@ -4,7 +4,7 @@ A reader of the online book downloads it, installs it, and runs the chapters in
 Jupyter. It holds the chapters and the measurements they read (``book/data``),
 the package, ``requirements.txt``, ``pyproject.toml``, ``README.md``
 (``pyproject.toml`` names it as the package's readme), ``tools/gpu_check.py``
-(chapter 9 tells readers with a GPU to run it) and ``HOW_TO_RUN.md``, all under
+(chapter 10 tells readers with a GPU to run it) and ``HOW_TO_RUN.md``, all under
 one folder ``dyconv-book/``. It is written at the end of every HTML build from
 that build's sources, with fixed timestamps and modes and in a fixed order, so
 the same sources give a byte-identical archive.
@@ -21,7 +21,7 @@ from sphinx.application import Sphinx
 ARCHIVE = "dyconv-book.zip"
 FOLDER = "dyconv-book"
 FILES = ["README.md", "pyproject.toml", "requirements.txt", "tools/gpu_check.py"]
-# book/data: the GPU measurements chapters 8 and 9 read; tools/gpu_check.py re-measures them.
+# book/data: the GPU measurements chapters 8 and 10 read; tools/gpu_check.py re-measures them.
 PATTERNS = ["book/*.ipynb", "book/data/*", "dyconv_teach/**/*.py"]
 HOW_TO_RUN = """\
 # How to run the book's chapters

@@ -139,7 +139,7 @@ def mixed_step(
     """One reduction chunk for sample b0 and, with two samples a program, b0 + 1. Mix the weight tile
     ``sum_j pi[b, j] * bank_j`` from the K bank tiles at ``w_ptrs + j * bank_stride``
     (loaded once for both samples), round it to the input dtype, and add
-    ``A_b @ W_b`` to ``acc`` with the A tile at ``a_ptrs``."""
+    the product of the A tile at ``a_ptrs`` and the mixed tile to ``acc``."""
     w0 = tl.zeros(w_ptrs.shape, ACC)
     w1 = tl.zeros(w_ptrs.shape, ACC)
     for j in tl.static_range(NK):

@@ -380,16 +380,16 @@ def draw_implicit_gemm(
     block: Tuple[int, int, int] = (16, 4, 4), tile: Tuple[int, int] = (1, 0), step: int = 4,
 ) -> Figure:
     """The fused forward kernel's view of dynamic convolution for sample ``b = sample``: the matrix product
-    ``out_b = A_b @ W_b``, one program's output tile, and one step of its reduction loop.
+    ``out_b = A_b @ mixed_b``, one program's output tile, and one step of its reduction loop.
 
     ``A_b`` ``[H'W', kH*kW*C]`` is the im2col matrix of ``x[b]`` (rows: output pixels; columns
-    ``r = (kh, kw, c)``: one tap and one input channel, channels fastest), ``W_b``
+    ``r = (kh, kw, c)``: one tap and one input channel, channels fastest), ``mixed_b``
     ``[kH*kW*C, O]`` the mixed kernel ``sum_j pi[b, j] Theta_j`` in the same row order, and
     ``out_b`` ``[H'W', O]``. ``block = (BLOCK_M, BLOCK_N, BLOCK_K)`` are the tile sizes; the
     program drawn owns output tile ``tile = (row tile, column tile)``, and ``step`` is the
     index of its reduction chunk (tap ``step // ceil(C / BLOCK_K)``, ``BLOCK_K`` channels).
     In that step it loads the ``A`` tile straight from ``x`` and the ``K`` bank tiles, mixes
-    them with ``pi[b]`` into the ``W_b`` tile and adds their product to its output tile.
+    them with ``pi[b]`` into the ``mixed_b`` tile and adds their product to its output tile.
     Every shape written is that of a real tensor or slice computed here; the tiles at the
     edges are clipped to the matrix, as the kernel's masks clip them.
 
@@ -466,14 +466,15 @@ def draw_implicit_gemm(
     ax.text(left, y_a + P + 1.5, f"$A_b$ = im2col(x[b]) {shape_text(tuple(A.shape))}, never built:\n"
             f"A tile {shape_text(tuple(a_tile.shape))} loaded from x", va="top", fontsize=10.5, gid="A")
     ax.text(x_w + O + 1.0, top + R / 2,
-            f"$W_b$ = $\\Sigma_j\\,\\pi_{{b,j}}\\,\\Theta_j$\n{shape_text(tuple(Wb.shape))}\n"
-            f"W tile {shape_text(tuple(w_tile.shape))}\nnever stored", va="center", fontsize=10.5, gid="W")
+            f"$\\tilde\\Theta_b$ = $\\Sigma_j\\,\\pi_{{b,j}}\\,\\Theta_j$\n{shape_text(tuple(Wb.shape))}\n"
+            f"$\\tilde\\Theta_b$ tile {shape_text(tuple(w_tile.shape))}\nnever stored", va="center",
+            fontsize=10.5, gid="W")
     ax.text(x_w + O + 1.0, y_a + P / 2, f"out_b {shape_text(tuple(out.shape))}\n"
-            f"output tile\n{shape_text(tuple(out_tile.shape))}\n+= A tile\n   @ W tile", va="center", fontsize=10.5,
-            gid="out")
+            f"output tile\n{shape_text(tuple(out_tile.shape))}\n+= A tile\n   @ $\\tilde\\Theta_b$ tile",
+            va="center", fontsize=10.5, gid="out")
     ax.text(left, y_a - 1.0, f"rows: output pixels p = (oh, ow)\ncolumns: r = (kh, kw, c), "
             f"{kH * kW} taps", va="bottom", fontsize=9.5)
-    ax.set_title(f"out_b = $A_b$ @ $W_b$ for sample b = {sample}\nprogram ({tile[0]}, {tile[1]}), "
+    ax.set_title(f"out_b = $A_b$ @ $\\tilde\\Theta_b$ for sample b = {sample}\nprogram ({tile[0]}, {tile[1]}), "
                  f"reduction step {step} (steps 0 to {steps - 1}): tap {tap}", fontsize=11)
     ax.set_xlim(-0.5, right)
     ax.set_ylim(bottom, -1.5)

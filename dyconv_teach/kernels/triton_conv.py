@@ -11,7 +11,7 @@ The picture: convolution as an implicit GEMM
 --------------------------------------------
 For one sample ``b`` and one group, a convolution is a matrix product
 
-    out_b[p, o] = sum_r A_b[p, r] * W_b[r, o]
+    out_b[p, o] = sum_r A_b[p, r] * mixed_b[r, o]
 
 with ``p`` an output pixel ``(oh, ow)``, ``o`` an output channel and ``r`` a
 reduction index ``(kh, kw, c)``: one kernel tap and one input channel.
@@ -20,9 +20,10 @@ kh*dh, ow*sw - pw + kw*dw]`` (zero outside the image). It is *implicit*: no
 kernel here builds it; each program computes the addresses of the tile it
 needs and loads that tile straight from ``x``.
 
-In dynamic convolution ``W_b = sum_j pi[b, j] * Bank_j``. Batch-as-groups
-writes all ``B`` of them, ``[B, O, C/g, kH, kW]``, to memory and reads them
-back; at ``C = 512`` and ``B = 256`` that is 2.3 GB in float32. Here the
+In dynamic convolution ``mixed_b = sum_j pi[b, j] * Theta_j`` (the book's
+mixed kernel of sample ``b``). Batch-as-groups writes all ``B`` of them,
+``[B, O, C/g, kH, kW]``, to memory and reads them back; at ``C = 512`` and
+``B = 256`` that is 2.3 GB in float32. Here the
 mixing happens where the GEMM consumes the weight: a program that owns an
 output tile ``[BLOCK_M pixels, BLOCK_N channels]`` walks the reduction in
 chunks of ``BLOCK_K`` (one tap, ``BLOCK_K`` input channels). For each chunk it
@@ -62,26 +63,26 @@ share one compiled kernel per dtype and tile.
 
 Backward
 --------
-*Input gradient.* ``grad_x[b] = conv_transpose(grad_out[b], W_b)``, the same
+*Input gradient.* ``grad_x[b] = conv_transpose(grad_out[b], mixed_b)``, the same
 implicit GEMM with the roles swapped: rows are input pixels, columns input
 channels, the reduction runs over ``(tap, o)``, and the weight tile
-``W_b[o, c]`` for that tap is mixed on the fly exactly as in the forward. With
+``mixed_b[o, c]`` for that tap is mixed on the fly exactly as in the forward. With
 stride ``s > 1`` an input pixel meets only the taps ``kh`` with
 ``(ih + ph - kh*dh) % s == 0``; the kernel splits the input pixels into their
 ``sh*sw`` phases ``(ih % sh, iw % sw)`` so that every pixel of a program
 shares the same taps, and loops over those taps only (no multiply-adds spent
 on taps that cannot contribute).
 
-*Bank and attention gradients.* With ``dW_b[o, r] = sum_p grad_out[b, o, p] *
+*Bank and attention gradients.* With ``dmixed_b[o, r] = sum_p grad_out[b, o, p] *
 A_b[p, r]`` (the ordinary weight gradient of sample ``b``):
 
-    grad_bank[j] = sum_b pi[b, j] * dW_b,        grad_pi[b, j] = <dW_b, Bank_j>.
+    grad_bank[j] = sum_b pi[b, j] * dmixed_b,        grad_pi[b, j] = <dmixed_b, Theta_j>.
 
 A program owns a tile ``[BLOCK_O, BLOCK_R]`` of ``(o, r)`` and a chunk of
-samples. For each sample it reduces ``dW_b``'s tile over the pixels with
-``tl.dot``, then, still in registers, adds ``pi[b, j] * dW_b`` to ``K``
+samples. For each sample it reduces ``dmixed_b``'s tile over the pixels with
+``tl.dot``, then, still in registers, adds ``pi[b, j] * dmixed_b`` to ``K``
 accumulators ``[K, BLOCK_O, BLOCK_R]`` and takes the ``K`` dot products with
-the bank tile, which it loaded once. ``dW_b`` is never stored. Per-chunk bank
+the bank tile, which it loaded once. ``dmixed_b`` is never stored. Per-chunk bank
 partials and per-tile attention partials are written to buffers and summed by
 torch in a fixed order (no atomics), so results are reproducible. The chunk
 count is chosen so that tiles times chunks fill the GPU.
@@ -213,7 +214,7 @@ def _forward_kernel(
         iw = ow * SW - PW + kw * DW
         inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         a_off = (ih * sxh + iw * sxw)[:, None] + ((gi * CG + c) * sxc)[None, :]
-        # Weight tile W_b[c, o] of this tap.
+        # Weight tile mixed_b[c, o] of this tap.
         w_ptrs = bank_ptr + tap * (CG * O) + c[:, None] * O + o[None, :]
         acc0, acc1 = mixed_step(
             acc0, acc1, x0 + a_off, x1 + a_off, (m_ok0 & inside)[:, None] & c_ok[None, :],
@@ -274,7 +275,7 @@ def _input_grad_kernel(
         ow = (iw + PW - kw * DW) // SW
         inside = (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
         a_off = (oh * sgh + ow * sgw)[:, None] + (o * sgc)[None, :]
-        # Weight tile W_b[o, c] of this tap (the forward's tile, transposed).
+        # Weight tile mixed_b[o, c] of this tap (the forward's tile, transposed).
         w_ptrs = bank_ptr + tap * (CG * O) + n[None, :] * O + o[:, None]
         acc0, acc1 = mixed_step(
             acc0, acc1, g0 + a_off, g1 + a_off, (m_ok0 & inside)[:, None] & o_ok[None, :],
@@ -353,7 +354,7 @@ def _bank_grad_kernel(
                     mask=a_ok[:, None] & c_ok[None, :], other=0)
         dw = tl.dot(g_t.to(DOT), a.to(DOT), dw, input_precision=PREC, out_dtype=ACC)
         if pc == p_chunks - 1:
-            # dW_b's tile is complete: fold it into the bank and attention gradients.
+            # dmixed_b's tile is complete: fold it into the bank and attention gradients.
             if NEED_BANK:
                 pi_b = tl.load(pi_ptr + b * NK + kk, mask=k_ok, other=0).to(ACC)
                 gbank += pi_b[:, None, None] * dw[None, :, :]
@@ -709,7 +710,7 @@ def fused_backward(
 
 def _input_grad(grad_out: Tensor, bank: Tensor, pi: Tensor, s: _Conv, fmt: torch.memory_format) -> Tensor:
     """``grad_x`` (in memory format ``fmt``): the transposed convolution of each ``grad_out[b]``
-    (channels_last) with its mixed kernel ``W_b`` (``bank`` in :func:`_bank_layout`)."""
+    (channels_last) with its mixed kernel ``mixed_b`` (``bank`` in :func:`_bank_layout`)."""
     grad_x = torch.empty((s.B, s.C, s.H, s.W), dtype=grad_out.dtype, device=grad_out.device, memory_format=fmt)
     if s.B == 0:
         return grad_x
@@ -732,8 +733,8 @@ def _bank_and_attention_grads(
     grad_out: Tensor, x: Tensor, bank: Tensor, pi: Tensor, s: _Conv, need_bank: bool, need_pi: bool,
     chunk: Optional[int] = None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """``grad_bank[j] = sum_b pi[b, j] dW_b`` (shaped like the weight) and ``grad_pi[b, j] =
-    <dW_b, Bank_j>`` (without the bias term), in the accumulator dtype, from channels_last ``x``
+    """``grad_bank[j] = sum_b pi[b, j] dmixed_b`` (shaped like the weight) and ``grad_pi[b, j] =
+    <dmixed_b, Theta_j>`` (without the bias term), in the accumulator dtype, from channels_last ``x``
     and ``grad_out`` and ``bank`` in :func:`_bank_layout`. ``chunk`` samples share a program
     (default: enough chunks that tiles times chunks cover twice the GPU's multiprocessors)."""
     acc = _acc_dtype(x.dtype)

@@ -2,9 +2,9 @@
 
 - :func:`check_dynamic_conv` checks a function with the signature of the functional core,
   ``fn(x, bank, attention, bias=None, stride=1, padding=0, dilation=1, groups=1)`` returning
-  ``[B, O, H', W']``, against the per-sample loop :func:`dyconv_teach.reference.per_sample_conv`.
+  ``[B, O, H', W']``, against the per-sample loop :func:`~dyconv_teach.reference.per_sample_conv`.
 - :func:`check_attention` checks the attention branch, ``fn(x, fc1, fc2, temperature)`` returning
-  ``pi`` ``[B, K]``, against :meth:`dyconv_teach.layers.DynamicConv2d.attention`. The core takes
+  ``pi`` ``[B, K]``, against :meth:`~dyconv_teach.layers.DynamicConv2d.attention`. The core takes
   ``pi`` as an argument, so the mistakes made in computing it (a softmax over the batch axis, a
   missing temperature) cannot happen there and have a checker of their own.
 
@@ -627,7 +627,7 @@ def _result(checker: _Checker, fn: Callable[..., Any]) -> CheckResult:
 
 def check_dynamic_conv(fn: Callable[..., Any]) -> CheckResult:
     """Check ``fn(x, bank, attention, bias=None, stride=1, padding=0, dilation=1, groups=1)``, a 2-D
-    dynamic convolution with the signature of :func:`dyconv_teach.functional.dynamic_conv2d`,
+    dynamic convolution with the signature of :func:`~dyconv_teach.functional.dynamic_conv2d`,
     against the per-sample loop, on :data:`CONV_CASES`.
 
     ``fn`` is called with the arguments in that order: ``x`` ``[B, C, H, W]``, the bank
@@ -647,7 +647,7 @@ def check_dynamic_conv(fn: Callable[..., Any]) -> CheckResult:
 
 def check_attention(fn: Callable[..., Any]) -> CheckResult:
     """Check ``fn(x, fc1, fc2, temperature)``, the attention branch of a dynamic convolution, against
-    :meth:`dyconv_teach.layers.DynamicConv2d.attention`, on :data:`ATTENTION_CASES`.
+    :meth:`~dyconv_teach.layers.DynamicConv2d.attention`, on :data:`ATTENTION_CASES`.
 
     ``fn`` gets ``x`` ``[B, C, H, W]``, the branch's two ``nn.Linear`` layers (``fc1`` from ``C``
     to the hidden width, ``fc2`` from it to ``K``) and the temperature ``tau``, and must return

@@ -23,8 +23,10 @@ API_PAGE = ROOT / "_build" / "html" / "book" / "api.html"
 LAYER_MODULES = ["dyconv_teach", "dyconv_teach.functional", "dyconv_teach.layers", "dyconv_teach.odconv",
                  "dyconv_teach.strategies", "dyconv_teach.reference", "dyconv_teach.flops", "dyconv_teach.bench"]
 KERNEL_MODULES = ["dyconv_teach.kernels.triton_conv"]
-BOOK_MODULES = ["dyconv_teach.teaching.shapes", "dyconv_teach.teaching.explain", "dyconv_teach.teaching.plots",
-                "dyconv_teach.teaching.explorer", "dyconv_teach.teaching.widgets"]
+BOOK_MODULES = ["dyconv_teach.teaching.shapes", "dyconv_teach.teaching.explain", "dyconv_teach.teaching.checker",
+                "dyconv_teach.teaching.plots", "dyconv_teach.teaching.explorer", "dyconv_teach.teaching.widgets"]
+#: The book's helpers that need torch alone: the checker runs in any Python session.
+TORCH_ONLY_BOOK_MODULES = BOOK_MODULES[:3]
 #: The packages of the ``book`` extra (and their import names).
 BOOK_EXTRA = ("ipywidgets", "matplotlib", "mpl_toolkits", "pylab")
 
@@ -53,8 +55,8 @@ def without_book_extra(tmp_path: Path) -> Path:
 
 def test_the_layer_needs_no_book_extra(tmp_path: Path) -> None:
     """In an environment without ipywidgets and matplotlib, the layer's modules import and run,
-    and none of them pulls in a package of the ``book`` extra; the book's helpers then fail
-    with a message that names the extra."""
+    and none of them pulls in a package of the ``book`` extra; neither do the book's helpers that
+    need torch alone (the checker runs); the others fail with a message that names the extra."""
     python = without_book_extra(tmp_path)
     script = f"""
 import importlib, sys, torch
@@ -64,18 +66,24 @@ from dyconv_teach import DynamicConv1d, DynamicConv2d, DynamicConv3d
 assert DynamicConv2d(4, 6, 3)(torch.randn(2, 4, 8, 8)).shape == (2, 6, 6, 6)
 assert DynamicConv1d(4, 6, 3)(torch.randn(2, 4, 8)).shape == (2, 6, 6)
 assert DynamicConv3d(4, 6, 3)(torch.randn(2, 4, 5, 5, 5)).shape == (2, 6, 3, 3, 3)
+for name in {TORCH_ONLY_BOOK_MODULES!r}:
+    importlib.import_module(name)
+from dyconv_teach.teaching.checker import check_dynamic_conv
+from dyconv_teach.functional import dynamic_conv2d
+assert check_dynamic_conv(dynamic_conv2d).passed
 loaded = sorted(m for m in sys.modules if m.split('.')[0] in {BOOK_EXTRA!r})
 assert not loaded, loaded
-try:
-    import dyconv_teach.teaching.shapes
-except ImportError as error:
-    assert "needs the 'book' extra" in str(error), error
-else:
-    raise AssertionError("dyconv_teach.teaching imported without the book extra")
+for name in {BOOK_MODULES[3:]!r}:
+    try:
+        importlib.import_module(name)
+    except ImportError as error:
+        assert "needs the 'book' extra" in str(error), error
+    else:
+        raise AssertionError(name + " imported without the book extra")
 print("ok")
 """
     done = subprocess.run([str(python), "-c", script], cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
     missing = subprocess.run([str(python), "-c", "import matplotlib"], capture_output=True, text=True)
     assert missing.returncode != 0  # the environment really lacks the extra
 

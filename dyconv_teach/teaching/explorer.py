@@ -33,9 +33,15 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import ipywidgets
-import matplotlib
 import torch
+
+from . import _book_extra_error
+
+try:
+    import ipywidgets
+    import matplotlib
+except ImportError as missing:
+    raise _book_extra_error(__name__, missing) from missing
 
 __all__ = [
     "Fragments",

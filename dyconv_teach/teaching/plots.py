@@ -27,17 +27,22 @@ import re
 import textwrap
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.patches import FancyBboxPatch, Rectangle
 from torch import Tensor
 
 from ..layers import DynamicConv2d
+from . import _book_extra_error
 from .explain import BLOG_VIEW, conv2d_problem
 from .shapes import Shape, shape_text
+
+try:
+    import matplotlib.pyplot as plt
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.patches import FancyBboxPatch, Rectangle
+except ImportError as missing:
+    raise _book_extra_error(__name__, missing) from missing
 
 __all__ = ["draw_dynamic_convolution", "draw_channel_layouts", "draw_group_wiring", "draw_batch_as_groups",
            "draw_implicit_gemm", "drawn_shapes"]

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Any, Callable, Dict
 
 import pytest
 import torch
@@ -409,3 +409,11 @@ def test_it_runs_in_a_plain_python_session() -> None:
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert done.stdout.startswith("blog_dynamic_conv2d fails case 2 of 9: two samples (B = 2, K = 5).")
     assert "Likely mistake: the blog post's" in done.stdout
+
+
+@pytest.mark.parametrize("off", [torch.no_grad, torch.inference_mode])
+def test_checks_gradients_where_the_caller_turned_autograd_off(off: Callable[[], Any]) -> None:
+    """A chapter that runs under torch.set_grad_enabled(False) can still check a reader's function."""
+    with off():
+        assert check_dynamic_conv(dynamic_conv2d)
+        assert not check_dynamic_conv(detached)

@@ -587,7 +587,8 @@ def _one_thread() -> Iterator[None]:
 
 
 def _run(checker: _Checker, fn: Callable[..., Any]) -> CheckResult:
-    with _one_thread():
+    # The gradients are part of the check, also where the caller turned autograd off.
+    with _one_thread(), torch.inference_mode(False), torch.enable_grad():
         result = _result(checker, fn)
     print(result.report)
     return result

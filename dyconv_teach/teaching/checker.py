@@ -266,8 +266,9 @@ CONV_MISTAKES: Tuple[Mistake, ...] = (
         "naive_5d", "the 5-D weight handed to `F.conv2d`",
         "The mixed kernels [B, O, C/g, k, k] have a batch axis, and `F.conv2d` takes one 4-D weight "
         "[O, C/g, k, k] for the whole batch; it reads a 5-D weight as a 3-D convolution's, hence the "
-        "message about strides. Fold the batch into the channels, `x.reshape(1, B*C, H, W)`, stack the "
-        "kernels along the output axis, [B*O, C/g, k, k], and convolve with `groups=B*g`.",
+        "message about strides. Convolve each sample with its own 4-D kernel (a loop over the batch), "
+        "or, in one call, fold the batch into the channels, `x.reshape(1, B*C, H, W)`, stack the "
+        "kernels along the output axis, [B*O, C/g, k, k], and convolve with `groups=B*g` (chapter 5).",
         4, "The 5-D kernel does not fit `F.conv2d`", (_naive,),
     ),
     Mistake(

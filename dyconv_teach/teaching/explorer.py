@@ -71,9 +71,11 @@ background:#fff;line-height:1.45}
 .dyconv-explorer label{font-family:monospace;white-space:nowrap}
 .dyconv-explorer select{font-family:monospace;padding:0 .2em}
 .dyconv-explorer .dyconv-caption{font-size:.9em;color:#57606a;margin:.8em 0 .2em}
-.dyconv-explorer .dyconv-scroll{overflow-x:auto;scrollbar-width:thin;scrollbar-color:#8c959f #f6f8fa;padding-bottom:2px}
+.dyconv-explorer .dyconv-scroll{overflow-x:auto;padding-bottom:2px}
 .dyconv-explorer .dyconv-scroll::-webkit-scrollbar{height:6px;background:#f6f8fa}
 .dyconv-explorer .dyconv-scroll::-webkit-scrollbar-thumb{background:#8c959f;border-radius:3px}
+@supports not selector(::-webkit-scrollbar){
+.dyconv-explorer .dyconv-scroll{scrollbar-width:thin;scrollbar-color:#8c959f #f6f8fa}}
 .dyconv-explorer table.dyconv-shapes{border-collapse:collapse;font-family:monospace;font-size:.9em;margin:0}
 .dyconv-explorer table.dyconv-shapes td{padding:.1em .9em .1em 0;border:0;border-bottom:1px solid #eaeef2;
 text-align:left;background:none;white-space:nowrap}

@@ -1,18 +1,23 @@
-"""The *built* HTML book in a real browser, offline: explorers and outputs.
+"""The *built* HTML book in a real browser, offline: explorers, outputs, layout and fonts.
 
 Serves ``_build/html`` on 127.0.0.1 and opens it in headless Chromium
 (Playwright). On each widget page it moves every control through its values and
-checks the shapes and messages shown against :mod:`dyconv_teach.teaching.shapes`. On
-every notebook page of ``_toc.yml``, at a desktop's and a phone's width, it checks
-that no output is cut off. Build the book first (see the README); set
-``DYCONV_HTML_DIR`` to test another build. Where Chromium cannot start the tests skip, except in CI (the
-``CI`` environment variable is set), where they fail.
+checks the shapes and messages shown against :mod:`dyconv_teach.teaching.shapes`, and
+that the diagrams' text stays readable. On every page of ``_toc.yml``, at a desktop's and
+a phone's width, it checks that nothing is cut off without a sign that it scrolls, that
+each cell's prints show as one output, and that Chinese text is drawn with a Chinese font.
+Build the book first (see the README); set ``DYCONV_HTML_DIR`` to test another build. Where
+Chromium cannot start the tests skip, except in CI (the ``CI`` environment variable is set),
+where they fail.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.server
+import io
+import itertools
 import json
 import os
 import re
@@ -22,9 +27,10 @@ from typing import Any, Dict, Iterator, List, Tuple
 from urllib.parse import urlparse
 
 import pytest
-from book_pages import BUILD_COMMAND, notebook_pages
+from book_pages import BUILD_COMMAND, notebook_pages, pages
+from PIL import Image
 
-from dyconv_teach.teaching.explorer import Explorer
+from dyconv_teach.teaching.explorer import MIN_TEXT_PX, Explorer
 from dyconv_teach.teaching.shapes import (
     Shape,
     batch_kernel_shapes,
@@ -39,6 +45,8 @@ HTML_DIR = Path(os.environ.get("DYCONV_HTML_DIR", ROOT / "_build" / "html"))
 # Every notebook page, in reading order: the chapters and "Using the layer" (the markdown pages
 # hold no code cells or outputs to check).
 CHAPTER_PAGES = [page.html for page in notebook_pages()]
+# Every page, the markdown pages (API reference, glossary, references) included.
+ALL_PAGES = [page.html for page in pages()]
 
 
 def fmt(shape: Shape) -> str:
@@ -175,50 +183,93 @@ def test_batch_kernel_explorer(browser: Any, base_url: str) -> None:
 
 # An output line that reports an exception, such as "RuntimeError: expected stride to be ...".
 ERROR_LINE = re.compile(r"\b\w+(Error|Exception): ")
-OUTPUT_BOXES_JS = """() => Array.from(document.querySelectorAll("div.cell_output pre")).map(el => {
+ERROR_OUTPUTS_JS = """() => Array.from(document.querySelectorAll("div.cell_output pre"))
+  .map(el => [el.textContent, el.scrollWidth, el.clientWidth])"""
+# Every element of the page's text that scrolls sideways because its content is wider than its box
+# (more than its right padding: a code block whose text fits but not its padding is not cut).
+# Each is marked data-scroller=i for its screenshot.
+SCROLLERS_JS = """() => Array.from(document.querySelectorAll("article *")).filter(el => {
   const style = getComputedStyle(el);
-  return {text: el.textContent, scrollWidth: el.scrollWidth, clientWidth: el.clientWidth,
-          overflowX: style.overflowX,
+  return ["auto", "scroll"].includes(style.overflowX) && el.clientWidth > 0
+         && el.scrollWidth - el.clientWidth > parseFloat(style.paddingRight);
+}).map((el, i) => {
+  const style = getComputedStyle(el);
+  el.setAttribute("data-scroller", i);
+  return {text: (el.textContent.trim() || el.innerHTML).slice(0, 50), left: el.clientLeft, top: el.clientTop,
+          width: el.clientWidth, height: el.clientHeight,
           scrollbar: el.offsetHeight - el.clientHeight
                      - parseFloat(style.borderTopWidth) - parseFloat(style.borderBottomWidth)};
 })"""
+# Text and pictures made invisible, so a screenshot shows only the boxes' backgrounds.
+BACKGROUNDS_ONLY = """body.backgrounds-only, body.backgrounds-only * {
+  color: transparent !important; -webkit-text-fill-color: transparent !important; text-shadow: none !important; }
+body.backgrounds-only img { visibility: hidden !important; }"""
+# How much darker (0-255 grey levels) the strip at a box's cut edge must be than the strip at its other edge.
+SHADOW_CONTRAST = 15
+
+
+def open_unfolded(browser: Any, base_url: str, path: str, width: int) -> Any:
+    """Open a page ``width`` px wide with every solution and dropdown open, as on a phone's browser
+    (``is_mobile``): Chromium then draws overlay scrollbars, which take no room and show only
+    while one scrolls (macOS does the same), so a scrollbar that takes room is one the book's
+    CSS makes always visible."""
+    page = browser.new_page(viewport={"width": width, "height": 900}, is_mobile=True, has_touch=True)
+    page.goto(f"{base_url}/{path}", wait_until="networkidle")
+    page.evaluate("document.querySelectorAll('.admonition.toggle-hidden > .admonition-title')"
+                  ".forEach(title => title.click()); document.querySelectorAll('details').forEach(d => d.open = true)")
+    assert page.locator(".toggle-hidden").count() == 0, f"{path}: a solution stayed folded"
+    page.wait_for_timeout(500)  # the solutions' unfolding animation
+    return page
+
+
+def grey(image: Any, box: Tuple[int, int, int, int]) -> float:
+    """The mean grey level of ``box`` (left, top, right, bottom) of ``image``."""
+    histogram = image.crop(box).convert("L").histogram()
+    return sum(level * count for level, count in enumerate(histogram)) / sum(histogram)
 
 
 @pytest.mark.parametrize("width", [1280, 390])
-def test_outputs_are_not_cut_off(browser: Any, base_url: str, width: int) -> None:
-    """At a desktop's and at a phone's width, on every chapter with every solution unfolded:
-    an error output wraps inside its box, an output wider than its box scrolls with a
-    visible scrollbar, and the page itself does not scroll sideways.
-
-    The pages are opened as on a phone (``is_mobile``), where Chromium draws overlay
-    scrollbars, which take no room and show only while one scrolls (macOS does the same).
-    A scrollbar that takes room is one the book's CSS makes always visible.
+def test_nothing_is_cut_off_unseen(browser: Any, base_url: str, width: int) -> None:
+    """At a desktop's and at a phone's width, on every page with every solution unfolded: the
+    page itself does not scroll sideways, an error output wraps inside its box, and every box
+    whose content is wider than it (code, an output, a table, an equation, an explorer's table
+    or diagram) says that it scrolls: with a scrollbar that is always shown, and with a shadow
+    at its cut edge, which also shows where scrollbars are hidden (a phone's browser). The
+    shadow is checked in a screenshot of the box's backgrounds at the start of its scroll range:
+    the strip along its right edge is darker than the strip along its left edge.
     """
     problems: List[str] = []
     errors_seen = 0
-    for path in CHAPTER_PAGES:
-        page = browser.new_page(viewport={"width": width, "height": 900}, is_mobile=True, has_touch=True)
-        page.goto(f"{base_url}/{path}", wait_until="networkidle")
-        page.evaluate("document.querySelectorAll('.admonition.toggle-hidden > .admonition-title')"
-                      ".forEach(title => title.click())")
-        assert page.locator(".toggle-hidden").count() == 0, f"{path}: a solution stayed folded"
-        boxes = page.evaluate(OUTPUT_BOXES_JS)
-        assert boxes, f"{path}: no output boxes found"
-        for box in boxes:
-            where = f"{path} at {width} px, output {box['text'].strip()[:50]!r}"
-            overflows = box["scrollWidth"] > box["clientWidth"]
-            if ERROR_LINE.search(box["text"]):
+    for path in ALL_PAGES:
+        page = open_unfolded(browser, base_url, path, width)
+        # The layout viewport grows to the widest content on a phone, so compare with the screen.
+        page_width = page.evaluate("document.documentElement.scrollWidth")
+        if page_width > width:
+            problems.append(f"{path} at {width} px: the page scrolls sideways ({page_width} > {width} px)")
+        outputs = page.evaluate(ERROR_OUTPUTS_JS)
+        if path in CHAPTER_PAGES and not outputs:
+            problems.append(f"{path}: no output boxes found")
+        for text, wide, box in outputs:
+            if ERROR_LINE.search(text):
                 errors_seen += 1
-                if overflows:
-                    widths = f"{box['scrollWidth']} > {box['clientWidth']} px"
-                    problems.append(f"{where}: error wider than its box ({widths})")
-            elif overflows and not (box["overflowX"] in ("auto", "scroll") and box["scrollbar"] > 0):
+                if wide > box:
+                    problems.append(f"{path} at {width} px: error {text.strip()[:50]!r} wider than its box "
+                                    f"({wide} > {box} px)")
+        scrollers = page.evaluate(SCROLLERS_JS)
+        page.add_style_tag(content=BACKGROUNDS_ONLY)
+        page.evaluate("document.body.classList.add('backgrounds-only')")
+        for i, el in enumerate(scrollers):
+            where = f"{path} at {width} px, {el['text']!r}"
+            if el["scrollbar"] <= 0:
                 problems.append(f"{where}: scrolls with no visible scrollbar")
-        page_width, view_width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
-        if page_width > view_width:
-            problems.append(f"{path} at {width} px: the page scrolls sideways ({page_width} > {view_width} px)")
+            shot = Image.open(io.BytesIO(page.locator(f'[data-scroller="{i}"]').screenshot()))
+            # 6 px strips inside the box, 1 px in from each side (a neighbour's border may bleed in).
+            left, top, right, bottom = el["left"], el["top"], el["left"] + el["width"], el["top"] + el["height"]
+            start, cut = grey(shot, (left + 1, top, left + 7, bottom)), grey(shot, (right - 7, top, right - 1, bottom))
+            if start - cut < SHADOW_CONTRAST:
+                problems.append(f"{where}: no shadow at its cut edge (grey {cut:.0f} there, {start:.0f} at its start)")
         page.close()
-    assert errors_seen, "no error output found on any chapter: is ERROR_LINE still right?"
+    assert errors_seen, "no error output found on any page: is ERROR_LINE still right?"
     assert not problems, "\n".join(problems)
 
 
@@ -239,3 +290,123 @@ def test_code_fits_a_desktop_page(browser: Any, base_url: str) -> None:
         page.close()
     assert not problems, "\n".join(problems)
 
+
+
+# Chinese characters (CJK ideographs and punctuation, full-width forms), as book/_ext/cjk_lang.py finds them.
+CJK = "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+# Every element whose own text holds Chinese, marked data-cjk=i; its Chinese characters, and
+# whether it is prose (not code) declared Chinese (lang="zh...").
+CJK_JS = f"""() => {{
+  const walker = document.createTreeWalker(document.querySelector("article"), NodeFilter.SHOW_TEXT);
+  const found = new Map();
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {{
+    const chars = node.textContent.match(/[{CJK}]/g);
+    if (!chars) continue;
+    const el = node.parentElement;
+    found.set(el, (found.get(el) || 0) + chars.length);
+  }}
+  return Array.from(found, ([el, count], i) => {{
+    el.setAttribute("data-cjk", i);
+    return {{text: el.textContent.trim().slice(0, 40), count: count, code: !!el.closest("pre, code"),
+             lang: (el.closest("[lang]") || document.documentElement).getAttribute("lang")}};
+  }});
+}}"""
+
+
+def test_chinese_is_drawn_with_a_chinese_font(browser: Any, base_url: str) -> None:
+    """The Chinese of the book (the blog posts' titles in the bibliography and chapter 5, the
+    Chinese comments of their code) is declared Chinese where it is prose, and every Chinese
+    character is drawn with one of the Chinese fonts of the book's CSS: Chromium's own account
+    of the fonts it drew each element's text with. Without such a font a browser draws
+    empty boxes. (On Debian and Ubuntu: ``apt-get install fonts-noto-cjk``; CI installs it.)"""
+    problems: List[str] = []
+    seen: Dict[str, int] = {}
+    for path in ALL_PAGES:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{base_url}/{path}", wait_until="networkidle")
+        elements = page.evaluate(CJK_JS)
+        seen[path] = len(elements)
+        if elements:
+            families = {name.strip().strip('"') for var in ("--dyconv-font-cjk", "--dyconv-font-cjk-mono")
+                        for name in page.evaluate(f"getComputedStyle(document.documentElement)"
+                                                  f".getPropertyValue('{var}')").split(",")}
+            assert "Noto Sans CJK SC" in families, f"the CSS's Chinese fonts are not found: {families}"
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("DOM.enable")
+            cdp.send("CSS.enable")
+            root = cdp.send("DOM.getDocument", {"depth": -1})["root"]["nodeId"]
+            for i, el in enumerate(elements):
+                where = f"{path}: {el['text']!r}"
+                if not el["code"] and not (el["lang"] or "").startswith("zh"):
+                    problems.append(f"{where} is not declared Chinese (lang {el['lang']!r})")
+                node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": f'[data-cjk="{i}"]'})["nodeId"]
+                fonts = cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]
+                chinese = sum(font["glyphCount"] for font in fonts if font["familyName"] in families)
+                if chinese < el["count"]:
+                    drawn = {font["familyName"]: font["glyphCount"] for font in fonts}
+                    problems.append(f"{where}: {el['count']} Chinese characters, {chinese} drawn with a Chinese "
+                                    f"font of the CSS (fonts used: {drawn})")
+            cdp.detach()
+        page.close()
+    assert seen["book/references.html"] >= 2, f"the bibliography's two Chinese titles were not found: {seen}"
+    assert not problems, "\n".join(problems)
+
+
+def svg_text_px(img: Any) -> float:
+    """The height, in CSS px, of the smallest text of an explorer's diagram as the page shows it."""
+    svg = base64.b64decode(img.get_attribute("src").split("base64,", 1)[1]).decode()
+    view_width = float(re.search(r'viewBox="0 0 ([0-9.]+) ', svg).group(1))  # type: ignore[union-attr]
+    smallest = min(float(size) for size in re.findall(r"font-size: ([0-9.]+)px", svg))
+    return smallest * img.evaluate("img => img.getBoundingClientRect().width") / view_width
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_explorer_diagrams_stay_readable(browser: Any, base_url: str, width: int) -> None:
+    """For every setting of the wiring explorers (chapters 3 and 5), the diagram's smallest
+    text (a subscript) is shown at least MIN_TEXT_PX high; on a desktop the diagram fits the
+    page, on a phone it may scroll sideways instead of shrinking."""
+    problems: List[str] = []
+    for path, kind in [("book/03_grouped_convolution.html", "grouped"),
+                       ("book/05_batch_as_groups.html", "batch_kernel")]:
+        page = browser.new_page(viewport={"width": width, "height": 900}, is_mobile=width < 600, has_touch=width < 600)
+        page.goto(f"{base_url}/{path}", wait_until="networkidle")
+        el = page.locator(f'div.dyconv-explorer[data-explorer="{kind}"]')
+        explorer = (grouped_conv_explorer() if kind == "grouped"
+                    else batch_kernel_explorer(**json.loads(el.get_attribute("data-fixed"))))
+        for setting in explorer.grid():
+            select(el, setting)
+            img = el.locator('[data-role="diagram"] img')
+            if img.count() == 0:  # a setting with an error draws no wiring
+                continue
+            text_px = svg_text_px(img)
+            if text_px < MIN_TEXT_PX:
+                problems.append(f"{kind} {setting} at {width} px: text {text_px:.1f} px high")
+            box = el.locator('[data-role="diagram"] .dyconv-scroll')
+            if width >= 1280 and box.evaluate("box => box.scrollWidth > box.clientWidth"):
+                problems.append(f"{kind} {setting} at {width} px: the diagram does not fit the page")
+        if kind == "batch_kernel":
+            select(el, {**explorer.defaults(), "B": 4, "g": 2})
+            el.locator('[data-role="diagram"]').screenshot(path=f"/tmp/dyconv-browser-wiring-B4-g2-{width}.png")
+        page.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_each_cell_prints_one_output(browser: Any, base_url: str) -> None:
+    """A cell's prints show as one output box (``nb_merge_streams`` in ``_config.yml``; the kernel
+    sends them in pieces as they come). That setting moves all of a cell's prints to its first
+    one, so no stored cell may print, then show something else, then print again."""
+    problems: List[str] = []
+    for page_ in notebook_pages():
+        for i, cell in enumerate(json.loads(page_.source.read_text(encoding="utf-8"))["cells"]):
+            kinds = ["stdout" if output.get("name") == "stdout" else "other" for output in cell.get("outputs", [])]
+            runs = [kind for kind, _ in itertools.groupby(kinds)]
+            if runs.count("stdout") > 1:
+                problems.append(f"{page_.source.name} cell {i}: prints on both sides of another output {kinds}")
+    for path in CHAPTER_PAGES:
+        page = browser.new_page()
+        page.goto(f"{base_url}/{path}", wait_until="domcontentloaded")
+        counts = page.evaluate("""() => Array.from(document.querySelectorAll("div.cell_output")).map(out =>
+            [out.querySelectorAll(":scope > div.output.stream").length, out.textContent.trim().slice(0, 40)])""")
+        problems += [f"{path}: {n} print outputs in one cell, {text!r}" for n, text in counts if n > 1]
+        page.close()
+    assert not problems, "\n".join(problems)

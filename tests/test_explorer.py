@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import configparser
 import html
 import json
 import re
 from pathlib import Path
-from typing import Dict
+from typing import Any, Callable, Dict, Tuple
 
 import ipywidgets
 import pytest
@@ -25,7 +26,7 @@ from dyconv_teach.teaching.explorer import (
     ok,
     table,
 )
-from dyconv_teach.teaching.plots import draw_group_wiring
+from dyconv_teach.teaching.plots import draw_batch_as_groups, draw_group_wiring
 from dyconv_teach.teaching.widgets import grouped_conv_explorer
 
 
@@ -140,7 +141,21 @@ def test_svg_images_are_byte_identical_across_renders() -> None:
     first = explorer.svg_image(draw_group_wiring, 4, 6, 2)
     explorer.svg_image.cache_clear()
     assert explorer.svg_image(draw_group_wiring, 4, 6, 2) == first
-    assert first.startswith('<img alt="draw_group_wiring(4, 6, 2)" src="data:image/svg+xml;base64,')
+    assert first.startswith('<div class="dyconv-scroll"><img alt="draw_group_wiring(4, 6, 2)" ')
+
+
+@pytest.mark.parametrize("draw, args", [(draw_group_wiring, (8, 8, 1)), (draw_group_wiring, (2, 2, 1)),
+                                        (draw_batch_as_groups, (1, 4, 6, 1)), (draw_batch_as_groups, (8, 4, 6, 2))])
+def test_svg_images_never_show_text_under_min_text_px(draw: Callable[..., Any], args: Tuple[int, ...]) -> None:
+    image = explorer.svg_image(draw, *args)
+    match = re.search(r'<img [^>]*style="min-width:(\d+)px" src="data:image/svg\+xml;base64,([^"]+)"', image)
+    assert match is not None, image[:200]
+    svg = base64.b64decode(match.group(2)).decode()
+    width = float(re.search(r'viewBox="0 0 ([0-9.]+) ', svg).group(1))  # type: ignore[union-attr]
+    smallest = min(float(size) for size in re.findall(r"font-size: ([0-9.]+)px", svg))
+    # At its narrowest the image is min-width px wide, its text font-size * min-width / width px high.
+    assert smallest * int(match.group(1)) / width >= explorer.MIN_TEXT_PX
+    assert smallest * (int(match.group(1)) - 1) / width < explorer.MIN_TEXT_PX  # and no wider than that needs
 
 
 def test_control_default_must_be_on_the_grid() -> None:

@@ -3,6 +3,7 @@ connects."""
 
 from __future__ import annotations
 
+import io
 import re
 from typing import Dict, List, Tuple
 
@@ -175,6 +176,18 @@ def test_batch_as_groups_lines(B: int, C: int, O: int, g: int) -> None:
     assert (B > MAX_DRAWN_SAMPLES) == any("not drawn" in t for t in texts)
     if B > MAX_DRAWN_SAMPLES:
         assert any(f"b = {MAX_DRAWN_SAMPLES - 2}..{B - 2}" in t for t in texts)
+
+
+@pytest.mark.parametrize("g", [1, 2])
+def test_batch_as_groups_text_is_never_small(g: int) -> None:
+    # The chapter's explorer shows this diagram for B up to 8 (four samples drawn): no text,
+    # subscripts included, under 8 points (a 1280 px page shows the widest at 1 px per point).
+    for B in range(1, 9):
+        svg = io.StringIO()
+        with plt.rc_context({"svg.fonttype": "none"}):
+            draw_batch_as_groups(B, EXAMPLE.C, EXAMPLE.O, g).savefig(svg, format="svg", bbox_inches="tight")
+        sizes = [float(size) for size in re.findall(r"font-size: ([0-9.]+)px", svg.getvalue())]
+        assert sizes and min(sizes) >= 8, (B, g, sorted(set(sizes)))
 
 
 @pytest.mark.parametrize("draw, args, message", [

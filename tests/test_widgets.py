@@ -182,4 +182,4 @@ def test_batch_kernel_explorer_explains_the_blog_errors_for_o4(B: int, g: int, w
 
 def test_batch_kernel_explorer_draws_the_trick_for_its_b() -> None:
     diagram = batch_kernel_explorer().render(B=8, K=5, g=2)["diagram"]
-    assert diagram.startswith(f'<img alt="draw_batch_as_groups(8, {EXAMPLE.C}, {EXAMPLE.O}, 2)"')
+    assert f'<img alt="draw_batch_as_groups(8, {EXAMPLE.C}, {EXAMPLE.O}, 2)"' in diagram

@@ -29,6 +29,7 @@ import html
 import io
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -76,9 +77,11 @@ background:#fff;line-height:1.45}
 .dyconv-explorer label{font-family:monospace;white-space:nowrap}
 .dyconv-explorer select{font-family:monospace;padding:0 .2em}
 .dyconv-explorer .dyconv-caption{font-size:.9em;color:#57606a;margin:.8em 0 .2em}
-.dyconv-explorer .dyconv-scroll{overflow-x:auto;scrollbar-width:thin;scrollbar-color:#8c959f #f6f8fa;padding-bottom:2px}
+.dyconv-explorer .dyconv-scroll{overflow-x:auto;padding-bottom:2px}
 .dyconv-explorer .dyconv-scroll::-webkit-scrollbar{height:6px;background:#f6f8fa}
 .dyconv-explorer .dyconv-scroll::-webkit-scrollbar-thumb{background:#8c959f;border-radius:3px}
+@supports not selector(::-webkit-scrollbar){
+.dyconv-explorer .dyconv-scroll{scrollbar-width:thin;scrollbar-color:#8c959f #f6f8fa}}
 .dyconv-explorer table.dyconv-shapes{border-collapse:collapse;font-family:monospace;font-size:.9em;margin:0}
 .dyconv-explorer table.dyconv-shapes td{padding:.1em .9em .1em 0;border:0;border-bottom:1px solid #eaeef2;
 text-align:left;background:none;white-space:nowrap}
@@ -328,14 +331,29 @@ def ok(*lines: str) -> str:
     return f'<div class="dyconv-ok"><p>{"<br>".join(_prose(line) for line in lines)}</p></div>'
 
 
+#: The smallest text of an explorer's diagram is never shown under this size (CSS px): where
+#: the page is too narrow for that, the diagram keeps this size and scrolls sideways.
+MIN_TEXT_PX = 8
+_SVG_WIDTH = re.compile(r'viewBox="0 0 ([0-9.]+) ')
+_SVG_FONT_SIZE = re.compile(r"font-size: ([0-9.]+)px")
+
+
 @functools.lru_cache(maxsize=None)
 def svg_image(draw: Callable[..., Any], *args: int) -> str:
-    """``draw(*args)`` as an ``<img>`` holding byte-identical SVG on every run."""
+    """``draw(*args)`` as an ``<img>`` holding byte-identical SVG on every run, in a box that
+    scrolls sideways where the page is too narrow to show its smallest text at ``MIN_TEXT_PX``."""
     fig = draw(*args)
     buffer = io.StringIO()
-    # A fixed hash salt makes the SVG's internal ids stable; no date in the metadata.
+    # A fixed hash salt makes the SVG's internal ids stable; no date in the metadata. No
+    # background, so the box's scroll shadows show through.
     with matplotlib.rc_context({"svg.hashsalt": "dyconv-book", "svg.fonttype": "none"}):
-        fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
-    encoded = base64.b64encode(buffer.getvalue().encode()).decode()
+        fig.savefig(buffer, format="svg", bbox_inches="tight", facecolor="none", metadata={"Date": None})
+    svg = buffer.getvalue()
+    # Text drawn at font size f in a viewBox w wide is f * shown_width / w px high.
+    width = float(_SVG_WIDTH.search(svg).group(1))  # type: ignore[union-attr]
+    smallest = min(float(size) for size in _SVG_FONT_SIZE.findall(svg))
+    min_width = math.ceil(MIN_TEXT_PX * width / smallest)
+    encoded = base64.b64encode(svg.encode()).decode()
     alt = f"{draw.__name__}{args}"
-    return f'<img alt="{html.escape(alt)}" src="data:image/svg+xml;base64,{encoded}">'
+    return (f'<div class="dyconv-scroll"><img alt="{html.escape(alt)}" style="min-width:{min_width}px" '
+            f'src="data:image/svg+xml;base64,{encoded}"></div>')

@@ -284,10 +284,11 @@ def _row_x(n: int, x0: float, width: float) -> List[float]:
 
 def _wire_groups(
     ax: Axes, n_in: int, n_out: int, groups: int, colors: Sequence[Any], x0: float, width: float,
-    labels: Sequence[str],
+    labels: Sequence[str], fontsize: float = 9,
 ) -> None:
     """Draw ``n_in`` input and ``n_out`` output dots in ``[x0, x0 + width]``, split into
-    ``groups`` equal blocks, block ``i`` in ``colors[i]``, fully wired within each block only."""
+    ``groups`` equal blocks, block ``i`` in ``colors[i]``, fully wired within each block only;
+    block ``i`` is labelled ``labels[i]`` in ``fontsize`` points."""
     xs_in, xs_out = _row_x(n_in, x0, width), _row_x(n_out, x0, width)
     c, o = n_in // groups, n_out // groups
     for i in range(groups):
@@ -300,7 +301,7 @@ def _wire_groups(
                    zorder=2)
         left = (xs_in[i * c] + xs_out[i * o]) / 2 - 0.3
         right = (xs_in[(i + 1) * c - 1] + xs_out[(i + 1) * o - 1]) / 2 + 0.3
-        ax.text((left + right) / 2, 0.5, labels[i], ha="center", va="center", fontsize=9,
+        ax.text((left + right) / 2, 0.5, labels[i], ha="center", va="center", fontsize=fontsize,
                 bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": color})
 
 
@@ -349,18 +350,21 @@ def draw_batch_as_groups(B: int, C: int, O: int, g: int = 1) -> Figure:
     drawn = list(range(B)) if B <= MAX_DRAWN_SAMPLES else [*range(MAX_DRAWN_SAMPLES - 2), None, B - 1]
     block = float(max(C, O))
     width = block * len(drawn)
-    fig, ax = plt.subplots(figsize=(2.4 + 0.38 * width, 2.8))
+    # 0.28 inch per channel and 2.4 inches for the row names: four samples of the book's example
+    # (C = 4, O = 6) fit the text column of a 1280 px page with no text under 8 px.
+    fig, ax = plt.subplots(figsize=(2.4 + 0.28 * width, 2.8))
     for slot, b in enumerate(drawn):
         x0 = slot * block
         if b is None:
             hidden = f"b = {MAX_DRAWN_SAMPLES - 2}..{B - 2}"  # B > MAX_DRAWN_SAMPLES: two or more samples
-            ax.text(x0 + block / 2, 0.5, f"...\n{hidden}\nnot drawn\n...", ha="center", va="center", fontsize=9)
+            ax.text(x0 + block / 2, 0.5, f"...\n{hidden}\nnot drawn\n...", ha="center", va="center", fontsize=10)
             continue
         color = _color(b)
         labels = [f"$\\tilde{{\\Theta}}_{{{b}}}$" + (f" #{i}" if g > 1 else "") for i in range(g)]
-        _wire_groups(ax, C, O, g, [color] * g, x0, block, labels)
-        ax.text(x0 + block / 2, 1.22, f"sample b={b}", ha="center", va="center", fontsize=9, color=color)
-        ax.text(x0 + block / 2, -0.22, f"out[{b}]", ha="center", va="center", fontsize=9, color=color)
+        # 12 points: the subscript b, drawn at 70%, is the figure's smallest text at 8.4 points.
+        _wire_groups(ax, C, O, g, [color] * g, x0, block, labels, fontsize=12)
+        ax.text(x0 + block / 2, 1.22, f"sample b={b}", ha="center", va="center", fontsize=10, color=color)
+        ax.text(x0 + block / 2, -0.22, f"out[{b}]", ha="center", va="center", fontsize=10, color=color)
     ax.set_title(f"groups = B*g = {B * g}: sample b meets only its own kernels;\n"
                  f"the output [1, B*O, H', W'] is viewed back to [B={B}, O={O}, H', W']", fontsize=10)
     return _finish(fig, ax, width, f"x.reshape(1, B*C={B * C}, H, W)", f"[1, B*O={B * O}, H', W']")

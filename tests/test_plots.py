@@ -22,6 +22,7 @@ from dyconv_teach.teaching.plots import (
     draw_batch_as_groups,
     draw_channel_layouts,
     draw_dynamic_convolution,
+    draw_gradient_flow,
     draw_group_wiring,
     draw_implicit_gemm,
     drawn_shapes,
@@ -85,6 +86,49 @@ def test_dynamic_convolution_labels_real_shapes(B: int, C: int, O: int, K: int, 
     assert any(t.startswith(f"$\\pi$ = {routing}(logits / $\\tau$)") for t in texts)
     thetas = sorted(t for t in texts if t.startswith("$\\Theta_{"))
     assert thetas == sorted(f"$\\Theta_{{{j}}}$" for j in (range(K) if K <= 5 else (0, 1, 2, K - 1)))
+
+
+@pytest.mark.parametrize("B, C, O, K, k, g, H, bias", [
+    (EXAMPLE.B, EXAMPLE.C, EXAMPLE.O, EXAMPLE.K, EXAMPLE.k, 1, EXAMPLE.H, True),
+    (3, 16, 4, 2, 5, 2, 7, False),
+])
+def test_gradient_flow_labels_real_shapes(B: int, C: int, O: int, K: int, k: int, g: int, H: int,
+                                          bias: bool) -> None:
+    torch.manual_seed(0)
+    layer = DynamicConv2d(C, O, k, groups=g, num_kernels=K, bias=bias, temperature=2.0)
+    x = torch.randn(B, C, H, H)
+    fig = draw_gradient_flow(layer, x)
+    assert_closed(fig)
+    # The tensors of a real forward pass, the branch written out as the figure draws it (each gradient
+    # has its tensor's shape).
+    with torch.no_grad():
+        pooled = x.mean(dim=(2, 3))
+        hidden = layer.fc1(pooled)
+        logits = layer.fc2(F.relu(hidden))
+        pi = torch.softmax(logits / layer.temperature, dim=-1)
+        assert torch.allclose(pi, layer.attention(x))
+        mixed = torch.einsum("bj,j...->b...", pi, layer.bank)
+        y = layer(x)
+    expected: Labels = [
+        ("x", tuple(x.shape)), ("avgpool", tuple(pooled.shape)), ("fc1", tuple(hidden.shape)),
+        ("relu", tuple(hidden.shape)), ("logits", tuple(logits.shape)), ("pi", tuple(pi.shape)),
+        ("bank", tuple(layer.bank.shape)), ("mix", tuple(mixed.shape)), ("y", tuple(y.shape)),
+    ]
+    if bias:  # the bank's biases [K, O] and the mixed ones [B, O]
+        expected += [("bank", (K, O)), ("mix", (B, O))]
+    assert sorted(labelled_shapes(fig)) == sorted(expected)
+    texts = " ".join(t.get_text() for t in fig.axes[0].texts)
+    # The rules of the steps the chapter checks against autograd, the temperature's among them.
+    rules = ["(\\mathrm{diag}\\, \\pi_b - \\pi_b \\pi_b^\\top) / \\tau",
+             "\\Sigma_b\\, \\pi_{b,j}\\, \\nabla\\tilde\\Theta_b",
+             "\\langle\\nabla\\tilde\\Theta_b, \\Theta_j\\rangle", "transposed conv", "$1 / (HW)$"]
+    assert all(rule in texts for rule in rules)
+    assert ("\\beta" in texts) == bias  # the biases' rules only where the layer has biases
+
+
+def test_gradient_flow_draws_softmax_routing_only() -> None:
+    with pytest.raises(ValueError, match="draws the softmax routing"):
+        draw_gradient_flow(DynamicConv2d(4, 6, 3, routing="sigmoid"), torch.randn(2, 4, 9, 9))
 
 
 # -- channel layouts -------------------------------------------------------------------------------

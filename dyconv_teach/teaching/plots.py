@@ -3,6 +3,8 @@
 - :func:`draw_dynamic_convolution`: dynamic convolution itself, after Figure 3 of
   Chen et al. (CVPR 2020), with every box labelled by the shape of the tensor a
   real :class:`~dyconv_teach.layers.DynamicConv2d` forward makes there.
+- :func:`draw_gradient_flow`: its backward pass, the same boxes with the gradients' way back from the
+  output to the bank, the attention, the attention branch's linear layers and the input.
 - :func:`draw_channel_layouts`: which sample's channels and kernels land where in
   ``x.reshape(1, B*C, H, W)``, in the blog post's weight ``[O, B*C/g, k, k]`` and
   in the correct ``[B*O, C/g, k, k]``, read off reshaped tensors.
@@ -44,8 +46,8 @@ try:
 except ImportError as missing:
     raise _book_extra_error(__name__, missing) from missing
 
-__all__ = ["draw_dynamic_convolution", "draw_channel_layouts", "draw_group_wiring", "draw_batch_as_groups",
-           "draw_implicit_gemm", "drawn_shapes"]
+__all__ = ["draw_dynamic_convolution", "draw_gradient_flow", "draw_channel_layouts", "draw_group_wiring",
+           "draw_batch_as_groups", "draw_implicit_gemm", "drawn_shapes"]
 
 _TOP, _BOTTOM = 1.0, 0.0
 _SHAPE = re.compile(r"\[(\d+(?:, \d+)*)\]")
@@ -85,19 +87,21 @@ def drawn_shapes(fig: Figure) -> List[Tuple[Optional[str], Shape]]:
 # -- dynamic convolution, after the paper's Figure 3 ---------------------------------------------
 
 
-def _box(ax: Axes, x: float, y: float, name: str, shape: Shape, gid: str, color: Any = "#f6f8fa",
+def _box(ax: Axes, x: float, y: float, name: str, shape: Optional[Shape], gid: str, color: Any = "#f6f8fa",
          width: float = 2.0) -> None:
-    """A box centred at ``(x, y)``, labelled ``name`` over ``shape``; ``gid`` names the label."""
+    """A box centred at ``(x, y)``, labelled ``name`` over ``shape`` (``name`` alone for no shape);
+    ``gid`` names the label."""
     ax.add_patch(FancyBboxPatch((x - width / 2, y - 0.3), width, 0.6, boxstyle="round,pad=0.04",
                                 facecolor=color, edgecolor="#57606a", lw=1))
-    ax.text(x, y, f"{name}\n{shape_text(shape)}", ha="center", va="center", fontsize=10, gid=gid)
+    label = name if shape is None else f"{name}\n{shape_text(shape)}"
+    ax.text(x, y, label, ha="center", va="center", fontsize=10, gid=gid)
 
 
-def _arrow(ax: Axes, *points: Tuple[float, float]) -> None:
+def _arrow(ax: Axes, *points: Tuple[float, float], color: str = "#57606a") -> None:
     """A line through ``points`` with an arrow head at the last one."""
     xs, ys = zip(*points)
-    ax.plot(xs[:-1], ys[:-1], color="#57606a", lw=1.2)
-    ax.annotate("", xy=points[-1], xytext=points[-2], arrowprops={"arrowstyle": "-|>", "color": "#57606a",
+    ax.plot(xs[:-1], ys[:-1], color=color, lw=1.2)
+    ax.annotate("", xy=points[-1], xytext=points[-2], arrowprops={"arrowstyle": "-|>", "color": color,
                                                                   "lw": 1.2, "shrinkA": 0, "shrinkB": 0})
 
 
@@ -113,16 +117,9 @@ def _stack(ax: Axes, x: float, y: float, labels: Sequence[str]) -> Tuple[float, 
     return x + dx * (len(labels) - 1) + w, y + dy * (len(labels) - 1) + h
 
 
-def draw_dynamic_convolution(layer: DynamicConv2d, x: Tensor) -> Figure:
-    """Dynamic convolution of ``x`` ``[B, C, H, W]`` by ``layer``, every box labelled with its shape.
-
-    The shapes are those of a real forward pass: the attention branch (avgpool,
-    FC, ReLU, FC, softmax or sigmoid of logits / tau) gives ``pi`` ``[B, K]``; the
-    bank ``Theta`` ``[K, O, C/g, k, k]`` holds the K kernels ``Theta_j``; the mix
-    ``Theta~_b = sum_j pi[b, j] Theta_j`` gives one kernel per sample
-    ``[B, O, C/g, k, k]``; convolving sample ``b`` with ``Theta~_b`` gives
-    ``y`` ``[B, O, H', W']``.
-    """
+def _forward_shapes(layer: DynamicConv2d, x: Tensor) -> Tuple[Dict[str, Shape], Tensor, Tensor]:
+    """Run ``layer`` on ``x`` without gradients: the shapes of the attention branch's linear layers'
+    inputs and outputs (``"fc1 in"``, ``"fc1"``, ``"fc2 in"``, ``"fc2"``), the output and ``pi``."""
     seen: Dict[str, Shape] = {}
 
     def record(name: str) -> Any:
@@ -139,6 +136,20 @@ def draw_dynamic_convolution(layer: DynamicConv2d, x: Tensor) -> Figure:
             handle.remove()
     pi = layer.last_attention
     assert pi is not None  # set by the forward above
+    return seen, y, pi
+
+
+def draw_dynamic_convolution(layer: DynamicConv2d, x: Tensor) -> Figure:
+    """Dynamic convolution of ``x`` ``[B, C, H, W]`` by ``layer``, every box labelled with its shape.
+
+    The shapes are those of a real forward pass: the attention branch (avgpool,
+    FC, ReLU, FC, softmax or sigmoid of logits / tau) gives ``pi`` ``[B, K]``; the
+    bank ``Theta`` ``[K, O, C/g, k, k]`` holds the K kernels ``Theta_j``; the mix
+    ``Theta~_b = sum_j pi[b, j] Theta_j`` gives one kernel per sample
+    ``[B, O, C/g, k, k]``; convolving sample ``b`` with ``Theta~_b`` gives
+    ``y`` ``[B, O, H', W']``.
+    """
+    seen, y, pi = _forward_shapes(layer, x)
     K = layer.num_kernels
     bank = layer.bank.detach()  # [K, O, C/g, kH, kW]
     mixed = torch.einsum("bj,j...->b...", pi, bank)  # Theta~_b = sum_j pi[b, j] Theta_j
@@ -180,6 +191,89 @@ def draw_dynamic_convolution(layer: DynamicConv2d, x: Tensor) -> Figure:
     _arrow(ax, (left - 1.0, ys[0]), (0.2, ys[0]), (0.2, y_out), (right - 1.24, y_out))
     ax.set_xlim(0, 5.6)
     ax.set_ylim(y_out - 0.5, 7.1)
+    ax.axis("off")
+    fig.tight_layout()
+    return _close(fig)
+
+
+def draw_gradient_flow(layer: DynamicConv2d, x: Tensor) -> Figure:
+    """The backward pass of ``layer`` on ``x`` ``[B, C, H, W]``: the boxes of
+    :func:`draw_dynamic_convolution`, each labelled with the shape of its tensor (which its gradient
+    shares), and red arrows that carry the gradients from the output back to the bank, the attention,
+    the attention branch's linear layers and the input, each labelled with the rule of its step.
+
+    The attention branch is ``m = avgpool(x)``, ``s = fc1(m) = U m + u``, ``r = ReLU(s)``,
+    ``z = fc2(r) = V r + v``, ``pi = softmax(z / tau)``; ``grad t`` is the gradient of the loss with
+    respect to ``t``. ``x`` receives gradient by two paths: through the convolution (transposed, with
+    ``Theta~_b``) and through the attention branch (the pooling spreads ``grad m / (H W)`` over the pixels).
+
+    Raises:
+        ValueError: for a layer whose routing is not ``'softmax'``.
+    """
+    if layer.routing != "softmax":
+        raise ValueError(f"draws the softmax routing (the paper's), got routing={layer.routing!r}")
+    seen, y, pi = _forward_shapes(layer, x)
+    bank = tuple(layer.bank.shape)
+    mixed = (pi.shape[0], *bank[1:])  # Theta~ [B, O, C/g, k, k]: sum_j pi[b, j] Theta_j
+    bank_text, mix_text = f"bank $\\Theta$\n{shape_text(bank)}", f"mix $\\tilde\\Theta$\n{shape_text(mixed)}"
+    bias_rules = ["", "", ""]  # the bias's share of the mixed kernel's, the bank's and pi's gradient
+    if layer.bias is not None:  # beta [K, O]
+        bank_text = f"bank $\\Theta$, $\\beta$\n{shape_text(bank)}, {shape_text(tuple(layer.bias.shape))}"
+        mixed_bias = (pi.shape[0], bank[1])  # beta~ [B, O]
+        mix_text = f"mix $\\tilde\\Theta$, $\\tilde\\beta$\n{shape_text(mixed)}, {shape_text(mixed_bias)}"
+        bias_rules = [";\n$\\nabla\\tilde\\beta_b$: $\\nabla y_b$ summed\nover the pixels",
+                      "\n$\\nabla\\beta_j = \\Sigma_b\\, \\pi_{b,j}\\, \\nabla\\tilde\\beta_b$",
+                      "\n$+ \\langle\\nabla\\tilde\\beta_b, \\beta_j\\rangle$"]
+
+    fig, ax = plt.subplots(figsize=(7.0, 7.0))
+    red = "#cf222e"
+
+    def note(x0: float, y0: float, text: str, **options: Any) -> None:
+        ax.text(x0, y0, text, **{"ha": "left", "va": "center", "fontsize": 9, "color": red, **options})
+
+    left, right, w_left, w_right = 1.45, 5.75, 2.0, 2.5
+    chain = [("x", "x", tuple(x.shape)), ("avgpool", "$m$: avgpool", seen["fc1 in"]),
+             ("fc1", "$s$: fc1 ($U$, $u$)", seen["fc1"]), ("relu", "$r$: ReLU", seen["fc2 in"]),
+             ("logits", "$z$: fc2 ($V$, $v$), logits", seen["fc2"]),
+             ("pi", "$\\pi$ = softmax($z / \\tau$)", tuple(pi.shape))]
+    # The rule that takes each box's gradient to the box above it.
+    rules = ["$1 / (HW)$ to every pixel", "$\\times\\, U^\\top$;  $\\nabla U = \\Sigma_b\\, \\nabla s_b\\, m_b^\\top$",
+             "$\\odot\\, [s_b > 0]$", "$\\times\\, V^\\top$;  $\\nabla V = \\Sigma_b\\, \\nabla z_b\\, r_b^\\top$",
+             "$\\times\\, (\\mathrm{diag}\\, \\pi_b - \\pi_b \\pi_b^\\top) / \\tau$"]
+    ys = [7.0 - 1.0 * i for i in range(len(chain))]
+    for i, ((gid, name, shape), cy) in enumerate(zip(chain, ys)):
+        _box(ax, left, cy, name, shape, gid, color="#f6f8fa" if i == 0 else "#ddf4ff", width=w_left)
+        if i:
+            _arrow(ax, (left, cy + 0.34), (left, ys[i - 1] - 0.34), color=red)
+            note(left + 0.12, cy + 0.5, rules[i - 1])
+    y_pi = ys[-1]
+
+    y_bank, y_out = y_pi + 2.3, y_pi - 1.7
+    _box(ax, right, y_bank, bank_text, None, "bank", color="#fff8c5", width=w_right)
+    _box(ax, right, y_pi, mix_text, None, "mix", color="#fff8c5", width=w_right)
+    _box(ax, right, y_out, "y", tuple(y.shape), "y", color="#effaf1", width=w_right)
+    _arrow(ax, (right + 0.6, y_out - 0.95), (right + 0.6, y_out - 0.34), color=red)
+    note(right + 0.7, y_out - 0.7, "$\\nabla y$ from the loss")
+    _arrow(ax, (right, y_out + 0.34), (right, y_pi - 0.34), color=red)
+    note(right + 0.1, (y_out + y_pi) / 2,
+         "$\\nabla\\tilde\\Theta_b$: weight gradient of\nthe convolution of $x_b$" + bias_rules[0])
+    _arrow(ax, (right, y_pi + 0.34), (right, y_bank - 0.34), color=red)
+    note(right + 0.1, (y_pi + y_bank) / 2,
+         "$\\nabla\\Theta_j = \\Sigma_b\\, \\pi_{b,j}\\, \\nabla\\tilde\\Theta_b$" + bias_rules[1])
+    _arrow(ax, (right - w_right / 2 - 0.04, y_pi), (left + w_left / 2 + 0.04, y_pi), color=red)
+    note((left + w_left / 2 + right - w_right / 2) / 2, y_pi - 0.12,
+         "$\\nabla\\pi_{b,j} = \\langle\\nabla\\tilde\\Theta_b, \\Theta_j\\rangle$" + bias_rules[2], ha="center",
+         va="top")
+    # The convolution's path back to x, up the left margin: the transposed convolution with Theta~_b.
+    _arrow(ax, (right - w_right / 2 - 0.04, y_out), (0.12, y_out), (0.12, ys[0]), (left - w_left / 2 - 0.04, ys[0]),
+           color=red)
+    note(0.2, (ys[0] + y_out) / 2, "transposed conv of $\\nabla y_b$ with $\\tilde\\Theta_b$", rotation=90)
+    note(left + w_left / 2 + 0.15, ys[0], "$\\nabla x$ = sum of the two paths:\nthe convolution's (left) and\n"
+         "the attention branch's")
+    note(right - w_right / 2, ys[1], "red: the backward pass;\n$\\nabla t$ is the gradient of the loss\n"
+         "with respect to $t$, of $t$'s shape")
+    ax.set_xlim(0, 7.4)
+    ax.set_ylim(y_out - 1.1, ys[0] + 0.45)
     ax.axis("off")
     fig.tight_layout()
     return _close(fig)

@@ -179,3 +179,22 @@ def test_stored_notebooks_keep_the_default_view_and_nbval_masks_the_results() ->
     assert len(stored) < len(fresh) / 5 and '"table"' not in stored
     assert "Not live" in stored and grouped.render(**grouped.defaults())["shapes"] in stored
     assert re.sub(DATA_PATTERN, STORED_DATA, stored) == stored  # masking a stored output changes nothing
+
+
+def test_named_control_shows_its_names_and_keeps_integer_values() -> None:
+    named = Control("v", "variant", (0, 1), 0, (0, 1, 2), ("alpha", "beta", "gamma"))
+    assert [named.text(v) for v in named.live] == ["alpha", "beta", "gamma"] and named.text(1) == "beta"
+    ex = Explorer("named", "Named", [named], ("shapes",), lambda v: {"shapes": table([("v", "[v]", str(v))])})
+    text = ex.to_html()
+    assert '<option value="0" selected>alpha</option><option value="1">beta</option></select>' in text
+    assert sorted(data_of(text)["table"]) == ["0", "1"]
+    menu = ex.widget().children[1].children[0]
+    assert isinstance(menu, ipywidgets.Dropdown) and menu.label == "alpha" and menu.value == 0
+    with pytest.raises(ValueError, match="2 names for 3 values"):
+        Control("v", "v", (0,), 0, (0, 1, 2), ("a", "b"))
+
+
+def test_unnamed_controls_keep_their_numbers() -> None:
+    text = toy().to_html()
+    assert '<option value="1">1</option><option value="2" selected>2</option>' in text
+    assert isinstance(toy().widget().children[1].children[0], ipywidgets.SelectionSlider)

@@ -24,9 +24,10 @@ LAYER_MODULES = ["dyconv_teach", "dyconv_teach.functional", "dyconv_teach.layers
                  "dyconv_teach.strategies", "dyconv_teach.reference", "dyconv_teach.flops", "dyconv_teach.bench"]
 KERNEL_MODULES = ["dyconv_teach.kernels.triton_conv"]
 BOOK_MODULES = ["dyconv_teach.teaching.shapes", "dyconv_teach.teaching.explain", "dyconv_teach.teaching.checker",
-                "dyconv_teach.teaching.plots", "dyconv_teach.teaching.explorer", "dyconv_teach.teaching.widgets"]
+                "dyconv_teach.teaching.family", "dyconv_teach.teaching.plots", "dyconv_teach.teaching.explorer",
+                "dyconv_teach.teaching.widgets"]
 #: The book's helpers that need torch alone: the checker runs in any Python session.
-TORCH_ONLY_BOOK_MODULES = BOOK_MODULES[:3]
+TORCH_ONLY_BOOK_MODULES = BOOK_MODULES[:4]
 #: The packages of the ``book`` extra (and their import names).
 BOOK_EXTRA = ("ipywidgets", "matplotlib", "mpl_toolkits", "pylab")
 

@@ -133,19 +133,34 @@ _JS = """<script>
 @dataclass(frozen=True)
 class Control:
     """One integer control: ``grid`` are the values the static HTML offers,
-    ``live`` the values of the live widget's slider."""
+    ``live`` the values of the live widget's slider.
+
+    ``names``, when given, names each value of ``live`` (``names[i]`` for ``live[i]``): the live
+    widget is then a menu of the names, and the static HTML's options show them. The values, which
+    the render function receives and the static HTML's data keys hold, stay integers."""
 
     name: str  # keyword of the explorer's render function, and data-param
     label: str
     grid: Tuple[int, ...]
     default: int
     live: Tuple[int, ...]
+    names: Optional[Tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
         if self.default not in self.grid or not set(self.grid) <= set(self.live):
             raise ValueError(
                 f"control {self.name}: default {self.default} must be in grid {self.grid}, within live {self.live}"
             )
+        if self.names is not None and len(self.names) != len(self.live):
+            raise ValueError(f"control {self.name}: {len(self.names)} names for {len(self.live)} values {self.live}")
+
+    def text(self, value: int) -> str:
+        """What the control shows for ``value``: its name, or the number."""
+        return str(value) if self.names is None else self.names[self.live.index(value)]
+
+    def options(self) -> List[Any]:
+        """The live widget's options: the values, or (name, value) pairs."""
+        return list(self.live) if self.names is None else list(zip(self.names, self.live))
 
 
 class Explorer:
@@ -196,14 +211,7 @@ class Explorer:
 
     def widget(self) -> ipywidgets.VBox:
         """The live widget: each slider move re-runs ``render`` (real torch calls)."""
-        sliders = {
-            c.name: ipywidgets.SelectionSlider(
-                options=list(c.live), value=c.default, description=c.label, continuous_update=False,
-                # One description width and one length for every slider, whatever its label.
-                style={"description_width": "5em"}, layout={"width": "21em"},
-            )
-            for c in self.controls
-        }
+        sliders = {c.name: _live_control(c) for c in self.controls}
         regions = {role: ipywidgets.HTML() for role in self.roles}
 
         def update(_change: Optional[Mapping[str, Any]] = None) -> None:
@@ -256,7 +264,8 @@ class Explorer:
         # Spaces around each label, so the controls read apart without the stylesheet.
         selects = " ".join(
             f'<label>{_esc(c.label)} = <select data-param="{c.name}" disabled>'
-            + "".join(f'<option value="{v}"{" selected" if v == c.default else ""}>{v}</option>' for v in c.grid)
+            + "".join(f'<option value="{v}"{" selected" if v == c.default else ""}>{_esc(c.text(v))}</option>'
+                      for v in c.grid)
             + "</select></label>"
             for c in self.controls
         )
@@ -276,6 +285,16 @@ class Explorer:
         bundle["text/plain"] = f"{self.title} (run the notebook in Jupyter for the live widget)"
         bundle["text/html"] = self.to_html()
         return bundle
+
+
+def _live_control(c: Control) -> ipywidgets.ValueWidget:
+    """A control's live widget: a slider over its values, or a menu of its names."""
+    # One description width and one length for every control, whatever its label.
+    look: Dict[str, Any] = {"description": c.label, "style": {"description_width": "5em"},
+                            "layout": {"width": "21em"}}
+    if c.names is not None:
+        return ipywidgets.Dropdown(options=c.options(), value=c.default, **look)
+    return ipywidgets.SelectionSlider(options=c.options(), value=c.default, continuous_update=False, **look)
 
 
 def _unframed(fragment: str) -> str:

@@ -12,6 +12,8 @@
   grouped convolution and of the batch-as-groups trick. Channels are dots, inputs
   on the top row, outputs on the bottom row; a line joins an input channel to
   every output channel whose kernel reads it.
+- :func:`draw_family_parameters`: the parameters of one layer of each variant of the family
+  (chapter 11), by part, counted from the layers' own parameters.
 - :func:`drawn_shapes`: every shape written in a figure, with the name of the
   label that holds it, so a page can hold each label against its real tensor.
 
@@ -47,7 +49,7 @@ except ImportError as missing:
     raise _book_extra_error(__name__, missing) from missing
 
 __all__ = ["draw_dynamic_convolution", "draw_gradient_flow", "draw_channel_layouts", "draw_group_wiring",
-           "draw_batch_as_groups", "draw_implicit_gemm", "drawn_shapes"]
+           "draw_batch_as_groups", "draw_implicit_gemm", "draw_family_parameters", "drawn_shapes"]
 
 _TOP, _BOTTOM = 1.0, 0.0
 _SHAPE = re.compile(r"\[(\d+(?:, \d+)*)\]")
@@ -583,5 +585,37 @@ def draw_implicit_gemm(
     ax.set_ylim(bottom, -1.5)
     ax.set_aspect("equal")
     ax.axis("off")
+    fig.tight_layout()
+    return _close(fig)
+
+
+# -- the family of chapter 11 ------------------------------------------------------------------------
+
+
+def draw_family_parameters(layers: Dict[str, torch.nn.Module]) -> Figure:
+    """One horizontal bar per layer of ``layers`` (by variant name, top to bottom): its parameters in
+    thousands, split by :func:`dyconv_teach.teaching.family.parameter_parts` into the kernels, DCD's
+    latent path and the router, with the total written at the bar's end."""
+    from .family import parameter_parts  # the layers' own parameters, counted
+
+    names = list(layers)
+    parts = {name: parameter_parts(layer) for name, layer in layers.items()}  # type: ignore[arg-type]
+    fig, ax = plt.subplots(figsize=(5.4, 0.62 * len(names) + 1.5))
+    colors = {"kernels": _color(0), "P and Q": _color(2), "router": _color(1)}
+    most = max(sum(p.values()) for p in parts.values()) / 1000
+    for row, name in enumerate(names):
+        left = 0.0
+        for part, color in colors.items():
+            width = parts[name][part] / 1000
+            ax.barh(row, width, left=left, color=color, label=part if row == 0 else None, height=0.6)
+            left += width
+        ax.text(left + 0.02 * most, row, f"{left:.1f}k", va="center", ha="left", fontsize=12)
+    ax.set_yticks(range(len(names)), names, fontsize=12)
+    ax.invert_yaxis()
+    ax.set_xlim(0, most * 1.3)
+    ax.set_xlabel("parameters (thousands)", fontsize=12)
+    ax.tick_params(axis="x", labelsize=11)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(fontsize=11, loc="lower right", frameon=False)
     fig.tight_layout()
     return _close(fig)

@@ -1,9 +1,11 @@
-"""The book's three explorers, built on :mod:`dyconv_teach.teaching.explorer`.
+"""The book's four explorers, built on :mod:`dyconv_teach.teaching.explorer`.
 
 - :func:`static_conv_explorer` (chapter 2): the shapes of one ``F.conv2d`` call.
 - :func:`grouped_conv_explorer` (chapter 3): grouped convolution and its wiring.
 - :func:`batch_kernel_explorer` (chapter 5): batching a dynamic convolution, from
   the mix of the K kernels to the batch-as-groups call.
+- :func:`family_explorer` (chapter 11): CondConv, DyConv, ODConv and DCD, each its own mixing
+  step (:mod:`dyconv_teach.teaching.family`) before one and the same batching step.
 
 Each render function takes one setting of the explorer's controls, runs the real
 torch calls of :mod:`dyconv_teach.teaching.shapes` and returns HTML fragments; every error
@@ -17,6 +19,7 @@ from typing import Optional
 
 from .explain import BLOG_VIEW, NAIVE_5D, Symbols, conv2d_problem, groups_problem
 from .explorer import Control, Explorer, Fragments, caption, error, formula, note, ok, svg_image, table
+from .family import VARIANTS, family_shapes
 from .plots import draw_batch_as_groups, draw_group_wiring
 from .shapes import (
     EXAMPLE,
@@ -27,7 +30,7 @@ from .shapes import (
     static_conv_shapes,
 )
 
-__all__ = ["static_conv_explorer", "grouped_conv_explorer", "batch_kernel_explorer"]
+__all__ = ["static_conv_explorer", "grouped_conv_explorer", "batch_kernel_explorer", "family_explorer"]
 
 
 def _explained(why: Optional[str], message: str) -> str:
@@ -187,3 +190,56 @@ def batch_kernel_explorer(C: int = EXAMPLE.C, O: int = EXAMPLE.O, k: int = EXAMP
     return Explorer("batch_kernel", f"Dynamic convolution of a batch (C={C}, O={O}, k={k}, H=W={H})", controls,
                     ("shapes", "mix", "naive-error", "blog", "trick", "diagram"), render, headers,
                     fixed={"C": C, "O": O, "k": k, "H": H})
+
+
+# -- chapter 11: the family ---------------------------------------------------------------------
+
+#: What each variant's mixing step does with K, and what its weights are.
+_FAMILY_NOTES = {
+    "CondConv": "One linear layer and a sigmoid per kernel: the K = {K} gates of each sample sum to {sums}, "
+                "not to 1.",
+    "DyConv": "A softmax over the K = {K} kernels, its logits divided by tau: each sample's weights sum to "
+              "{sums}.",
+    "ODConv": "Four attentions from one router. The input and output channel attentions could act on x and "
+              "y instead of the kernel, as the official code does; the spatial and kernel attentions must act "
+              "on the kernel. With K = 1 the kernel attention is left out.",
+    "DCD": "K = {K} plays no role: DCD has no bank of K kernels. It keeps one static kernel W0 and fuses "
+           "channels in a latent space of L = floor(sqrt(4*C)) = {L} dimensions.",
+}
+
+
+def _render_family(variant: int, B: int, K: int, C: int, O: int, k: int, H: int) -> Fragments:
+    name = VARIANTS[variant]
+    r = family_shapes(name, B, K, C, O, k, H)
+    rows = [("x", "[B, C, H, W]", shape_text(r.x))]
+    rows += [(s.what, s.symbols, shape_text(s.shape) if s.shape is not None else "none") for s in r.steps]
+    sums = "" if r.attention_sums is None else ", ".join(f"{s:.3f}" for s in r.attention_sums)
+    mixing = table(rows) + note(_FAMILY_NOTES[name].format(K=K, L=r.latent, sums=sums))
+    call = r.batch_call
+    batching = table([
+        ("x.reshape(1, B*C, H, W)", "[1, B*C, H, W]", shape_text(call.input)),
+        ("weight", "[B*O, C/g, k, k]", shape_text(call.weight)),
+        ("groups", "B*g", str(call.groups)),
+        ("F.conv2d output", "[1, B*O, H', W']", shape_text(call.output)),
+        ("viewed back", "[B, O, H', W']", shape_text(r.output)),
+    ]) + ok(f"batched == per-sample loop: {r.matches_loop}", f"batched == the layer's own forward: {r.matches_layer}")
+    return {"mixing": mixing, "batching": batching}
+
+
+def family_explorer(C: int = EXAMPLE.C, O: int = EXAMPLE.O, k: int = EXAMPLE.k, H: int = EXAMPLE.H) -> Explorer:
+    """Explore the family: the variant, B and K, for fixed C, O, k and H (padding k // 2, g = 1)."""
+    controls = [
+        Control("variant", "variant", tuple(range(len(VARIANTS))), 0, tuple(range(len(VARIANTS))), VARIANTS),
+        Control("B", "B", (1, 2, 3), EXAMPLE.B, tuple(range(1, 9))),
+        Control("K", "K", (1, 2, 4, 5), EXAMPLE.K, tuple(range(1, 9))),
+    ]
+
+    def render(variant: int, B: int, K: int) -> Fragments:
+        return _render_family(variant, B, K, C, O, k, H)
+
+    headers = {
+        "mixing": caption("The mixing step: each variant builds every sample's kernel its own way"),
+        "batching": caption("The batching step: the same grouped F.conv2d call for every variant"),
+    }
+    return Explorer("family", f"The family on one batch (C={C}, O={O}, k={k}, H=W={H}, padding {k // 2})",
+                    controls, ("mixing", "batching"), render, headers, fixed={"C": C, "O": O, "k": k, "H": H})

@@ -74,7 +74,7 @@ from dyconv_teach.functional import dynamic_conv2d
 assert check_dynamic_conv(dynamic_conv2d).passed
 loaded = sorted(m for m in sys.modules if m.split('.')[0] in {BOOK_EXTRA!r})
 assert not loaded, loaded
-for name in {BOOK_MODULES[3:]!r}:
+for name in {BOOK_MODULES[len(TORCH_ONLY_BOOK_MODULES):]!r}:
     try:
         importlib.import_module(name)
     except ImportError as error:

@@ -310,3 +310,15 @@ def test_implicit_gemm_rejects_bad_arguments(change: Dict[str, object], message:
     bank = torch.randn(*change.pop("bank", (5, 6, 4, 3, 3)))  # type: ignore[misc]
     with pytest.raises(ValueError, match=message):
         draw_implicit_gemm(x, bank, pi, **change)  # type: ignore[arg-type]
+
+
+def test_family_parameters_draws_the_counted_parameters() -> None:
+    from dyconv_teach.teaching.family import VARIANTS, build_layer, parameter_parts
+    from dyconv_teach.teaching.plots import draw_family_parameters
+
+    layers = {v: build_layer(v, 16, 8, 3, 3) for v in VARIANTS}
+    fig = draw_family_parameters(layers)
+    ax = fig.axes[0]
+    widths = [round(p.get_width() * 1000) for p in ax.patches]  # variant by variant, part by part
+    assert widths == [parameter_parts(layers[v])[part] for v in VARIANTS for part in ("kernels", "P and Q", "router")]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(VARIANTS)

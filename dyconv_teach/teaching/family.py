@@ -68,9 +68,9 @@ class DCD2d(nn.Module):
     ``models/imagenet/resnet_dcd.py``, class ``conv_basic_dy`` for ``pool=2``, the blocks of
     ResNet-18 and ResNet-34; class ``conv_dy`` for ``pool=1``, the layers of ResNet-50):
 
-    ``y = Lambda(x) * conv(x, W0) + P (bn2(Phi(x) z) + z)``, with ``z = bn1(Q x)``,
+    ``y = Lambda(x) * conv(x, Theta0) + P (bn2(Phi(x) z) + z)``, with ``z = bn1(Q x)``,
 
-    where ``W0`` ``[O, C, k, k]`` is the static kernel, ``Lambda(x)`` ``[B, O]`` scales its output
+    where ``Theta0`` ``[O, C, k, k]`` is the static kernel, ``Lambda(x)`` ``[B, O]`` scales its output
     channels, ``Q`` (a 1 x 1 convolution, ``C -> L``) projects the input into a latent space of
     ``L`` channels, ``Phi(x)`` ``[B, L, L]`` fuses the latent channels per sample, and ``P`` (1 x 1,
     ``L -> O``) projects back. ``L = floor(sqrt(pool**2 * C))``. The router: average pool to
@@ -88,7 +88,7 @@ class DCD2d(nn.Module):
         self.pool = pool
         self.latent = L = math.isqrt(pool * pool * C)
         squeeze = max(max(pool * pool * C, L * L) // 16, 4)
-        self.conv = nn.Conv2d(C, O, kernel_size, stride, kernel_size // 2, bias=False)  # W0
+        self.conv = nn.Conv2d(C, O, kernel_size, stride, kernel_size // 2, bias=False)  # Theta0
         self.q = nn.Conv2d(C, L, 1, stride, 0, bias=False)
         self.p = nn.Conv2d(L, O, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(L)
@@ -231,7 +231,7 @@ def mix_kernels(variant: str, layer: FamilyLayer, x: Tensor) -> Mixed:
         if layer.training:
             raise ValueError("DCD2d's kernels are folded from its BatchNorms' running statistics: call .eval()")
         lam, phi = layer.router(x)  # Lambda [B, O], Phi [B, L, L]
-        w0 = layer.conv.weight  # [O, C, k, k]
+        theta0 = layer.conv.weight  # [O, C, k, k]
         q = layer.q.weight[:, :, 0, 0]  # [L, C]
         p = layer.p.weight[:, :, 0, 0]  # [O, L]
         s1, t1 = _bn_affine(layer.bn1)
@@ -239,19 +239,19 @@ def mix_kernels(variant: str, layer: FamilyLayer, x: Tensor) -> Mixed:
         # bn2(Phi z) + z = (I + s2 Phi) z + t2, and z = s1 Q x + t1.
         fusion = torch.eye(layer.latent, dtype=phi.dtype) + s2[:, None] * phi  # [B, L, L]
         dynamic = p @ fusion @ (s1[:, None] * q)  # P Phi Q^T, [B, O, C]
-        kernels = lam[:, :, None, None, None] * w0  # Lambda W0, [B, O, C, k, k]
-        c = w0.shape[-1] // 2
+        kernels = lam[:, :, None, None, None] * theta0  # Lambda Theta0, [B, O, C, k, k]
+        c = theta0.shape[-1] // 2
         centre = torch.zeros_like(kernels)
         centre[..., c, c] = dynamic
         kernels = kernels + centre
         bias = ((fusion @ t1) + t2) @ p.T  # [B, O]
-        steps = (Step("W0, the static kernel", "[O, C, k, k]", _shape(w0)),
+        steps = (Step("Theta0, the static kernel", "[O, C, k, k]", _shape(theta0)),
                  Step("Lambda(x)", "[B, O]", _shape(lam)),
                  Step("Q^T (1 x 1 convolution q)", "[L, C]", _shape(q)),
                  Step("Phi(x), with I and BatchNorm", "[B, L, L]", _shape(fusion)),
                  Step("P (1 x 1 convolution p)", "[O, L]", _shape(p)),
                  Step("P Phi(x) Q^T", "[B, O, C]", _shape(dynamic)),
-                 Step("kernels Lambda W0 + P Phi Q^T (centre)", "[B, O, C/g, k, k]", _shape(kernels)),
+                 Step("kernels Lambda Theta0 + P Phi Q^T (centre)", "[B, O, C/g, k, k]", _shape(kernels)),
                  Step("bias from the BatchNorms' shifts", "[B, O]", _shape(bias)))
         return Mixed(kernels, bias, steps)
     raise TypeError(f"not a layer of the family: {type(layer).__name__}")
@@ -318,7 +318,7 @@ def family_shapes(variant: str, B: int = EXAMPLE.B, K: int = EXAMPLE.K, C: int =
 
 
 def parameter_parts(layer: FamilyLayer) -> Dict[str, int]:
-    """The layer's parameters by part: ``kernels`` (the bank, or DCD's ``W0``; with the biases),
+    """The layer's parameters by part: ``kernels`` (the bank, or DCD's ``Theta0``; with the biases),
     ``P and Q`` (DCD's latent path, its BatchNorms included) and ``router``."""
     parts: Dict[str, int] = {"kernels": 0, "P and Q": 0, "router": 0}
     for name, p in layer.named_parameters():

@@ -203,7 +203,7 @@ _FAMILY_NOTES = {
     "ODConv": "Four attentions from one router. The input and output channel attentions could act on x and "
               "y instead of the kernel, as the official code does; the spatial and kernel attentions must act "
               "on the kernel. With K = 1 the kernel attention is left out.",
-    "DCD": "K = {K} plays no role: DCD has no bank of K kernels. It keeps one static kernel W0 and fuses "
+    "DCD": "K = {K} plays no role: DCD has no bank of K kernels. It keeps one static kernel Theta0 and fuses "
            "channels in a latent space of L = floor(sqrt(4*C)) = {L} dimensions.",
 }
 

@@ -292,6 +292,48 @@ def test_code_fits_a_desktop_page(browser: Any, base_url: str) -> None:
 
 
 
+def test_a_click_on_a_solutions_title_opens_it(browser: Any, base_url: str) -> None:
+    """On every page with exercises, a click on a solution's title, "Solution to Exercise N.M
+    (title)", most of which is sphinx-exercise's link back to the exercise, opens the solution and a
+    second click closes it, without leaving the solution's place (the link once jumped up to the
+    exercise)."""
+    problems: List[str] = []
+    seen = 0
+    for path in CHAPTER_PAGES:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{base_url}/{path}", wait_until="networkidle")
+        solutions = page.locator(".solution.dropdown")
+        if solutions.count() == 0:
+            page.close()
+            continue
+        seen += 1
+        solution = solutions.first
+        link = solution.locator(":scope > .admonition-title a.reference")
+        if link.count() == 0:
+            problems.append(f"{path}: the first solution's title holds no link (has sphinx-exercise changed?)")
+            page.close()
+            continue
+        link.scroll_into_view_if_needed()
+        url = page.url
+        hidden = "toggle-hidden"
+        folded = [hidden in (solution.get_attribute("class") or "")]
+        # A real mouse click on the middle of the link's text (the link itself takes no pointer
+        # events, so Playwright's own click on it would wait for it to).
+        box = link.bounding_box()
+        assert box is not None, path
+        for _ in range(2):
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.wait_for_timeout(300)  # the unfolding animation
+            folded.append(hidden in (solution.get_attribute("class") or ""))
+        if folded != [True, False, True]:
+            problems.append(f"{path}: folded before, after one and after two clicks on the title: {folded}")
+        if page.url != url:
+            problems.append(f"{path}: a click on the solution's title went to {page.url}")
+        page.close()
+    assert seen, "no page with a solution found"
+    assert not problems, "\n".join(problems)
+
+
 # Chinese characters (CJK ideographs and punctuation, full-width forms), as book/_ext/cjk_lang.py finds them.
 CJK = "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
 # Every element whose own text holds Chinese, marked data-cjk=i; its Chinese characters, and

@@ -84,6 +84,8 @@ def test_dynamic_convolution_labels_real_shapes(B: int, C: int, O: int, K: int, 
     assert (pi.shape, mixed.shape, y.shape) == ((B, K), (B, O, C // g, k, k), (B, O, H - k + 1, H - k + 1))
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert any(t.startswith(f"$\\pi$ = {routing}(logits / $\\tau$)") for t in texts)
+    # The output box reads as the text writes it: y_b = Theta~_b * x_b + beta~_b.
+    assert any(t.startswith("y: $\\tilde\\Theta_b * x_b + \\tilde\\beta_b$") for t in texts)
     thetas = sorted(t for t in texts if t.startswith("$\\Theta_{"))
     assert thetas == sorted(f"$\\Theta_{{{j}}}$" for j in (range(K) if K <= 5 else (0, 1, 2, K - 1)))
 
@@ -124,6 +126,9 @@ def test_gradient_flow_labels_real_shapes(B: int, C: int, O: int, K: int, k: int
              "\\langle\\nabla\\tilde\\Theta_b, \\Theta_j\\rangle", "transposed conv", "$1 / (HW)$"]
     assert all(rule in texts for rule in rules)
     assert ("\\beta" in texts) == bias  # the biases' rules only where the layer has biases
+    # fc1's and fc2's biases are gamma and delta: u, v are the offsets inside a kernel's window (chapter 2).
+    assert "($U$, $\\gamma$)" in texts and "($V$, $\\delta$)" in texts
+    assert "$u$" not in texts and "$v$" not in texts
 
 
 def test_gradient_flow_draws_softmax_routing_only() -> None:

@@ -90,13 +90,13 @@ def drawn_shapes(fig: Figure) -> List[Tuple[Optional[str], Shape]]:
 
 
 def _box(ax: Axes, x: float, y: float, name: str, shape: Optional[Shape], gid: str, color: Any = "#f6f8fa",
-         width: float = 2.0) -> None:
+         width: float = 2.0, fontsize: float = 10) -> None:
     """A box centred at ``(x, y)``, labelled ``name`` over ``shape`` (``name`` alone for no shape);
     ``gid`` names the label."""
     ax.add_patch(FancyBboxPatch((x - width / 2, y - 0.3), width, 0.6, boxstyle="round,pad=0.04",
                                 facecolor=color, edgecolor="#57606a", lw=1))
     label = name if shape is None else f"{name}\n{shape_text(shape)}"
-    ax.text(x, y, label, ha="center", va="center", fontsize=10, gid=gid)
+    ax.text(x, y, label, ha="center", va="center", fontsize=fontsize, gid=gid)
 
 
 def _arrow(ax: Axes, *points: Tuple[float, float], color: str = "#57606a") -> None:
@@ -187,7 +187,9 @@ def draw_dynamic_convolution(layer: DynamicConv2d, x: Tensor) -> Figure:
     ax.text(right, y_pi - 0.38, "one kernel $\\tilde\\Theta_b$ per sample", ha="center", va="top", fontsize=9)
 
     y_out = y_pi - 1.6
-    _box(ax, right, y_out, "y: x[b] conv $\\tilde\\Theta_b$", tuple(y.shape), "y", color=green, width=2.4)
+    # y_b = Theta~_b * x_b + beta~_b, in the text's notation (no beta~ for a layer without biases).
+    rule = "$\\tilde\\Theta_b * x_b$" if layer.bias is None else "$\\tilde\\Theta_b * x_b + \\tilde\\beta_b$"
+    _box(ax, right, y_out, f"y: {rule}", tuple(y.shape), "y", color=green, width=2.4)
     _arrow(ax, (right, y_pi - 0.75), (right, y_out + 0.34))
     # x also goes straight to the convolution, down the left margin.
     _arrow(ax, (left - 1.0, ys[0]), (0.2, ys[0]), (0.2, y_out), (right - 1.24, y_out))
@@ -204,10 +206,12 @@ def draw_gradient_flow(layer: DynamicConv2d, x: Tensor) -> Figure:
     shares), and red arrows that carry the gradients from the output back to the bank, the attention,
     the attention branch's linear layers and the input, each labelled with the rule of its step.
 
-    The attention branch is ``m = avgpool(x)``, ``s = fc1(m) = U m + u``, ``r = ReLU(s)``,
-    ``z = fc2(r) = V r + v``, ``pi = softmax(z / tau)``; ``grad t`` is the gradient of the loss with
-    respect to ``t``. ``x`` receives gradient by two paths: through the convolution (transposed, with
-    ``Theta~_b``) and through the attention branch (the pooling spreads ``grad m / (H W)`` over the pixels).
+    The attention branch is ``m = avgpool(x)``, ``s = fc1(m) = U m + gamma``, ``r = ReLU(s)``,
+    ``z = fc2(r) = V r + delta``, ``pi = softmax(z / tau)`` (``gamma`` and ``delta`` are the biases of
+    ``fc1`` and ``fc2``: ``u, v`` are the offsets inside a kernel's window in chapter 2); ``grad t`` is
+    the gradient of the loss with respect to ``t``. ``x`` receives gradient by two paths: through the
+    convolution (transposed, with ``Theta~_b``) and through the attention branch (the pooling spreads
+    ``grad m / (H W)`` over the pixels).
 
     Raises:
         ValueError: for a layer whose routing is not ``'softmax'``.
@@ -227,54 +231,55 @@ def draw_gradient_flow(layer: DynamicConv2d, x: Tensor) -> Figure:
                       "\n$\\nabla\\beta_j = \\Sigma_b\\, \\pi_{b,j}\\, \\nabla\\tilde\\beta_b$",
                       "\n$+ \\langle\\nabla\\tilde\\beta_b, \\beta_j\\rangle$"]
 
-    fig, ax = plt.subplots(figsize=(7.0, 7.0))
-    red = "#cf222e"
+    # Fonts of 11 points on a figure 6.5 inches wide stay readable when a phone shows it 360 pixels wide.
+    fig, ax = plt.subplots(figsize=(6.5, 9.0))
+    red, size = "#cf222e", 11
 
     def note(x0: float, y0: float, text: str, **options: Any) -> None:
-        ax.text(x0, y0, text, **{"ha": "left", "va": "center", "fontsize": 9, "color": red, **options})
+        ax.text(x0, y0, text, **{"ha": "left", "va": "center", "fontsize": size, "color": red, **options})
 
-    left, right, w_left, w_right = 1.45, 5.75, 2.0, 2.5
+    left, right, w_left, w_right = 1.5, 4.8, 2.1, 2.6
     chain = [("x", "x", tuple(x.shape)), ("avgpool", "$m$: avgpool", seen["fc1 in"]),
-             ("fc1", "$s$: fc1 ($U$, $u$)", seen["fc1"]), ("relu", "$r$: ReLU", seen["fc2 in"]),
-             ("logits", "$z$: fc2 ($V$, $v$), logits", seen["fc2"]),
+             ("fc1", "$s$: fc1 ($U$, $\\gamma$)", seen["fc1"]), ("relu", "$r$: ReLU", seen["fc2 in"]),
+             ("logits", "$z$: fc2 ($V$, $\\delta$)", seen["fc2"]),
              ("pi", "$\\pi$ = softmax($z / \\tau$)", tuple(pi.shape))]
     # The rule that takes each box's gradient to the box above it.
     rules = ["$1 / (HW)$ to every pixel", "$\\times\\, U^\\top$;  $\\nabla U = \\Sigma_b\\, \\nabla s_b\\, m_b^\\top$",
              "$\\odot\\, [s_b > 0]$", "$\\times\\, V^\\top$;  $\\nabla V = \\Sigma_b\\, \\nabla z_b\\, r_b^\\top$",
              "$\\times\\, (\\mathrm{diag}\\, \\pi_b - \\pi_b \\pi_b^\\top) / \\tau$"]
-    ys = [7.0 - 1.0 * i for i in range(len(chain))]
+    ys = [7.9 - 1.15 * i for i in range(len(chain))]
     for i, ((gid, name, shape), cy) in enumerate(zip(chain, ys)):
-        _box(ax, left, cy, name, shape, gid, color="#f6f8fa" if i == 0 else "#ddf4ff", width=w_left)
+        _box(ax, left, cy, name, shape, gid, color="#f6f8fa" if i == 0 else "#ddf4ff", width=w_left,
+             fontsize=size)
         if i:
             _arrow(ax, (left, cy + 0.34), (left, ys[i - 1] - 0.34), color=red)
-            note(left + 0.12, cy + 0.5, rules[i - 1])
+            note(left + 0.12, cy + 0.575, rules[i - 1])
     y_pi = ys[-1]
 
-    y_bank, y_out = y_pi + 2.3, y_pi - 1.7
-    _box(ax, right, y_bank, bank_text, None, "bank", color="#fff8c5", width=w_right)
-    _box(ax, right, y_pi, mix_text, None, "mix", color="#fff8c5", width=w_right)
-    _box(ax, right, y_out, "y", tuple(y.shape), "y", color="#effaf1", width=w_right)
-    _arrow(ax, (right + 0.6, y_out - 0.95), (right + 0.6, y_out - 0.34), color=red)
-    note(right + 0.7, y_out - 0.7, "$\\nabla y$ from the loss")
+    y_bank, y_out = y_pi + 2.6, y_pi - 2.3
+    _box(ax, right, y_bank, bank_text, None, "bank", color="#fff8c5", width=w_right, fontsize=size)
+    _box(ax, right, y_pi, mix_text, None, "mix", color="#fff8c5", width=w_right, fontsize=size)
+    _box(ax, right, y_out, "y", tuple(y.shape), "y", color="#effaf1", width=w_right, fontsize=size)
+    _arrow(ax, (right + 0.5, y_out - 1.0), (right + 0.5, y_out - 0.34), color=red)
+    note(right + 0.6, y_out - 0.75, "$\\nabla y$ from\nthe loss")
     _arrow(ax, (right, y_out + 0.34), (right, y_pi - 0.34), color=red)
     note(right + 0.1, (y_out + y_pi) / 2,
-         "$\\nabla\\tilde\\Theta_b$: weight gradient of\nthe convolution of $x_b$" + bias_rules[0])
+         "$\\nabla\\tilde\\Theta_b$: weight\ngradient of the\nconvolution of $x_b$" + bias_rules[0])
     _arrow(ax, (right, y_pi + 0.34), (right, y_bank - 0.34), color=red)
     note(right + 0.1, (y_pi + y_bank) / 2,
          "$\\nabla\\Theta_j = \\Sigma_b\\, \\pi_{b,j}\\, \\nabla\\tilde\\Theta_b$" + bias_rules[1])
     _arrow(ax, (right - w_right / 2 - 0.04, y_pi), (left + w_left / 2 + 0.04, y_pi), color=red)
-    note((left + w_left / 2 + right - w_right / 2) / 2, y_pi - 0.12,
-         "$\\nabla\\pi_{b,j} = \\langle\\nabla\\tilde\\Theta_b, \\Theta_j\\rangle$" + bias_rules[2], ha="center",
-         va="top")
+    note(left + 0.12, y_pi - 0.45,
+         "$\\nabla\\pi_{b,j} = \\langle\\nabla\\tilde\\Theta_b, \\Theta_j\\rangle$" + bias_rules[2], va="top")
     # The convolution's path back to x, up the left margin: the transposed convolution with Theta~_b.
     _arrow(ax, (right - w_right / 2 - 0.04, y_out), (0.12, y_out), (0.12, ys[0]), (left - w_left / 2 - 0.04, ys[0]),
            color=red)
     note(0.2, (ys[0] + y_out) / 2, "transposed conv of $\\nabla y_b$ with $\\tilde\\Theta_b$", rotation=90)
     note(left + w_left / 2 + 0.15, ys[0], "$\\nabla x$ = sum of the two paths:\nthe convolution's (left) and\n"
          "the attention branch's")
-    note(right - w_right / 2, ys[1], "red: the backward pass;\n$\\nabla t$ is the gradient of the loss\n"
-         "with respect to $t$, of $t$'s shape")
-    ax.set_xlim(0, 7.4)
+    note(right - w_right / 2 + 0.2, ys[1] - 0.6, "red: the backward pass;\n$\\nabla t$ is the gradient of\n"
+         "the loss with respect\nto $t$, of $t$'s shape")
+    ax.set_xlim(0, 6.5)
     ax.set_ylim(y_out - 1.1, ys[0] + 0.45)
     ax.axis("off")
     fig.tight_layout()
@@ -284,7 +289,7 @@ def draw_gradient_flow(layer: DynamicConv2d, x: Tensor) -> Figure:
 # -- where the channels land -----------------------------------------------------------------------
 
 
-def _cells(ax: Axes, x0: float, y0: float, owner: Tensor, text: Sequence[Sequence[str]]) -> None:
+def _cells(ax: Axes, x0: float, y0: float, owner: Tensor, text: Sequence[Sequence[str]], fontsize: float = 9) -> None:
     """One unit cell per entry of ``owner`` ``[rows, cols]``, row 0 on top with its top edge at ``y0``,
     coloured by the sample that owns it."""
     rows, cols = owner.shape
@@ -292,7 +297,7 @@ def _cells(ax: Axes, x0: float, y0: float, owner: Tensor, text: Sequence[Sequenc
         for c in range(cols):
             ax.add_patch(Rectangle((x0 + c, y0 - r - 1), 1, 1, facecolor=_color(int(owner[r, c])),
                                    alpha=0.55, edgecolor="white", lw=1.5))
-            ax.text(x0 + c + 0.5, y0 - r - 0.5, text[r][c], ha="center", va="center", fontsize=9)
+            ax.text(x0 + c + 0.5, y0 - r - 0.5, text[r][c], ha="center", va="center", fontsize=fontsize)
 
 
 def draw_channel_layouts(B: int, C: int, O: int, g: int = 1, k: int = 3, H: int = 9) -> Figure:
@@ -328,29 +333,32 @@ def draw_channel_layouts(B: int, C: int, O: int, g: int = 1, k: int = 3, H: int 
     # No line break inside a shape: its spaces become non-breaking ones, which textwrap keeps.
     unbroken = re.sub(r"\[[^\]]*\]", lambda m: m.group().replace(" ", "\u00a0"),
                       problem or "B = 1: the blog's .view gives the correct layout.")
-    why = textwrap.fill(unbroken, max(30, 6 * blog.shape[1] + 8))
-    under = 0.55 * (why.count("\n") + 1) + 0.7 * B + 1.0  # the note and the legend under the blog's weight
-    gap = 2.5
+    # Fonts of 11 and 12 points: the book's figure (B = 2, C = 4, O = 6) stays readable when a phone
+    # shows it 360 pixels wide. A cell is 0.42 inch, about five characters of 11 points; the note
+    # under the blog's weight may reach into the gap before the correct weight.
+    small, large, gap = 11, 12, 2.5
+    why = textwrap.fill(unbroken, max(30, int(5 * (blog.shape[1] + gap - 0.5))))
+    under = 0.65 * (why.count("\n") + 1) + 0.7 * B + 1.0  # the note and the legend under the blog's weight
     width = blog.shape[1] + gap + correct.shape[1]
     rows = max(correct.shape[0], blog.shape[0] + under)
     height = 4.4 + rows
     fig, ax = plt.subplots(figsize=(0.42 * width + 0.6, 0.42 * height))
     channels = folded[0, :, 0, 0]
-    _cells(ax, 0, height - 1.2, (channels // C)[None], [[f"c{int(i) % C}" for i in channels]])
+    _cells(ax, 0, height - 1.2, (channels // C)[None], [[f"c{int(i) % C}" for i in channels]], small)
     ax.text(0, height - 1.0, f"x.reshape(1, B*C, H, W) {shape_text(tuple(folded.shape))}: channel axis",
-            fontsize=10, va="bottom", gid="x")
+            fontsize=large, va="bottom", gid="x")
     top = height - 4.4
-    _cells(ax, 0, top, *owners(blog))
+    _cells(ax, 0, top, *owners(blog), small)
     ax.text(0, top + 0.2, f"blog: .view(O, -1, k, k)\n{shape_text(tuple(blog.shape))}, axis 1 = B*C/g",
-            fontsize=10, va="bottom", gid="blog")
-    ax.text(0, top - blog.shape[0] - 0.4, why, fontsize=9, va="top", gid="why")
+            fontsize=large, va="bottom", gid="blog")
+    ax.text(0, top - blog.shape[0] - 0.4, why, fontsize=small, va="top", gid="why")
     for b in range(B):
         y = top - rows + 0.7 * (B - b) - 0.6
         ax.add_patch(Rectangle((0, y), 0.8, 0.5, facecolor=_color(b), alpha=0.55))
-        ax.text(1.0, y + 0.25, f"sample b={b}", fontsize=9, va="center")
+        ax.text(1.0, y + 0.25, f"sample b={b}", fontsize=small, va="center")
     x_ok = blog.shape[1] + gap
-    _cells(ax, x_ok, top, *owners(correct))
-    ax.text(x_ok, top + 0.2, f"correct:\n{shape_text(tuple(correct.shape))}", fontsize=10, va="bottom",
+    _cells(ax, x_ok, top, *owners(correct), small)
+    ax.text(x_ok, top + 0.2, f"correct:\n{shape_text(tuple(correct.shape))}", fontsize=large, va="bottom",
             gid="correct")
     ax.set_xlim(-0.1, width + 0.1)
     ax.set_ylim(top - rows - 0.1, height)

@@ -308,21 +308,21 @@ class Cell:
         """``name``'s median seconds."""
         return statistics.median(self.times[name])
 
-    def ratios(self, name: str) -> List[float]:
-        """``name``'s time divided by the static conv's of the same round, round by round."""
-        return [t / s for t, s in zip(self.times[name], self.times[BASELINE])]
+    def ratios(self, name: str, to: str = BASELINE) -> List[float]:
+        """``name``'s time divided by ``to``'s (the static conv's) of the same round, round by round."""
+        return [t / s for t, s in zip(self.times[name], self.times[to])]
 
-    def ratio(self, name: str) -> float:
-        """The median of :meth:`ratios`: ``name``'s cost in static convolutions."""
-        return statistics.median(self.ratios(name))
+    def ratio(self, name: str, to: str = BASELINE) -> float:
+        """The median of :meth:`ratios`: ``name``'s cost in static convolutions (or in ``to``'s)."""
+        return statistics.median(self.ratios(name, to))
 
-    def spread(self, name: str) -> float:
+    def spread(self, name: str, to: str = BASELINE) -> float:
         """Half the interquartile range of :meth:`ratios`, relative to their median (0.05: +-5%)."""
-        values = self.ratios(name)
+        values = self.ratios(name, to)
         if len(values) < 2:
             return 0.0
         q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-        return (q3 - q1) / 2 / self.ratio(name)
+        return (q3 - q1) / 2 / self.ratio(name, to)
 
     def best_peer(self) -> str:
         """The peer with the smallest median ratio in this cell."""

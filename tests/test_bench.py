@@ -114,7 +114,7 @@ def test_main_rejects_bad_options(argv: list, message: str, capsys: pytest.Captu
 
 
 def test_cell_medians_spread_and_best_peer() -> None:
-    """Ratios are taken round by round against the static conv of the same round; the median
+    """Ratios are taken round by round against the static conv (or another entry) of the same round; the median
     and half the interquartile range summarise them; the best peer is the one with the smallest."""
     row = bench.Cell(4, 5, 2, {bench.BASELINE: [1.0, 2.0, 1.0, 1.0, 1.0], bench.CORE: [1.3, 2.2, 1.0, 1.4, 1.2],
                                "grouped trick": [1.5, 3.0, 1.5, 1.5, 1.5], "vmap": [2.0] * 5}, weight_bytes=0)
@@ -122,6 +122,9 @@ def test_cell_medians_spread_and_best_peer() -> None:
     assert row.ratio(bench.CORE) == pytest.approx(1.2) and row.seconds(bench.BASELINE) == 1.0
     assert row.spread(bench.CORE) == pytest.approx((1.3 - 1.1) / 2 / 1.2)  # quartiles 1.1 and 1.3
     assert row.best_peer() == "grouped trick"
+    # Against another entry of the same rounds: the core over the grouped trick, round by round.
+    assert row.ratios(bench.CORE, "grouped trick") == pytest.approx([1.3 / 1.5, 2.2 / 3.0, 1.0 / 1.5, 1.4 / 1.5, 0.8])
+    assert row.ratio(bench.CORE, to="grouped trick") == pytest.approx(0.8)
 
 
 def test_format_report_verdicts() -> None:

@@ -130,7 +130,7 @@ def test_explorer_over_its_live_range() -> None:
             assert f"K = {K} plays no role" in mixing and f"= {r.latent} dimensions" in mixing
             assert "[B, K]" not in mixing
         if variant == "CondConv":
-            assert "not to 1" in mixing
+            assert "need not sum to 1" in mixing
         text = shown_text(fragments["batching"])
         assert "batched == per-sample loop: True" in text and "batched == the layer's own forward: True" in text
         # The batching step: identical for every variant.

@@ -196,13 +196,14 @@ def batch_kernel_explorer(C: int = EXAMPLE.C, O: int = EXAMPLE.O, k: int = EXAMP
 
 #: What each variant's mixing step does with K, and what its weights are.
 _FAMILY_NOTES = {
-    "CondConv": "One linear layer and a sigmoid per kernel: the K = {K} gates of each sample sum to {sums}, "
-                "not to 1.",
+    "CondConv": "One linear layer and a sigmoid per kernel: each gate lies between 0 and 1 on its own, so the "
+                "gates of a sample need not sum to 1 (here, per sample: {sums}).",
     "DyConv": "A softmax over the K = {K} kernels, its logits divided by tau: each sample's weights sum to "
               "{sums}.",
     "ODConv": "Four attentions from one router. The input and output channel attentions could act on x and "
-              "y instead of the kernel, as the official code does; the spatial and kernel attentions must act "
-              "on the kernel. With K = 1 the kernel attention is left out.",
+              "y instead of the kernel, at one multiplication per activation, as the official code does; the "
+              "spatial attention cannot; the kernel attention could only as the K-branch sum, at K times the "
+              "convolutions. With K = 1 the kernel attention is left out.",
     "DCD": "K = {K} plays no role: DCD has no bank of K kernels. It keeps one static kernel Theta0 and fuses "
            "channels in a latent space of L = floor(sqrt(4*C)) = {L} dimensions.",
 }

@@ -99,7 +99,7 @@ def test_parameters_and_multiply_adds_of_one_layer() -> None:
     x = torch.randn(1, 64, 56, 56, dtype=torch.float64)
     conv = 64 * 64 * 9 * 56 * 56
     assert multiply_adds(layers["DyConv"], x) == conv + 4 * (64 * 64 * 9 + 64) + 64 * 16 + 16 * 4
-    # DCD: Theta0, then Q and P (1 x 1, C <-> L = 16) and Phi [16, 16] at every pixel, then the router.
+    # DCD: Theta_s, then Q and P (1 x 1, C <-> L = 16) and Phi [16, 16] at every pixel, then the router.
     latent = 2 * 64 * 16 * 56 * 56 + 16 * 16 * 56 * 56
     assert multiply_adds(layers["DCD"], x) == conv + latent + 256 * 16 + 16 * 16 + 16 * 256 + 16 * 64
 

@@ -68,9 +68,9 @@ class DCD2d(nn.Module):
     ``models/imagenet/resnet_dcd.py``, class ``conv_basic_dy`` for ``pool=2``, the blocks of
     ResNet-18 and ResNet-34; class ``conv_dy`` for ``pool=1``, the layers of ResNet-50):
 
-    ``y = Lambda(x) * conv(x, Theta0) + P (bn2(Phi(x) z) + z)``, with ``z = bn1(Q x)``,
+    ``y = Lambda(x) * conv(x, Theta_s) + P (bn2(Phi(x) u) + u)``, with ``u = bn1(q(x))``,
 
-    where ``Theta0`` ``[O, C, k, k]`` is the static kernel, ``Lambda(x)`` ``[B, O]`` scales its output
+    where ``Theta_s`` ``[O, C, k, k]`` is the static kernel, ``Lambda(x)`` ``[B, O]`` scales its output
     channels, ``Q`` (a 1 x 1 convolution, ``C -> L``) projects the input into a latent space of
     ``L`` channels, ``Phi(x)`` ``[B, L, L]`` fuses the latent channels per sample, and ``P`` (1 x 1,
     ``L -> O``) projects back. ``L = floor(sqrt(pool**2 * C))``. The router: average pool to
@@ -88,7 +88,7 @@ class DCD2d(nn.Module):
         self.pool = pool
         self.latent = L = math.isqrt(pool * pool * C)
         squeeze = max(max(pool * pool * C, L * L) // 16, 4)
-        self.conv = nn.Conv2d(C, O, kernel_size, stride, kernel_size // 2, bias=False)  # Theta0
+        self.conv = nn.Conv2d(C, O, kernel_size, stride, kernel_size // 2, bias=False)  # Theta_s
         self.q = nn.Conv2d(C, L, 1, stride, 0, bias=False)
         self.p = nn.Conv2d(L, O, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(L)
@@ -109,11 +109,11 @@ class DCD2d(nn.Module):
         """The official forward: the dynamic part runs on the activations, never as a kernel."""
         scale, phi = self.router(x)
         r = self.conv(x) * scale[:, :, None, None]
-        z = self.bn1(self.q(x))
-        B, L, h, w = z.shape
-        z = z.view(B, L, h * w)
-        z = self.bn2(torch.matmul(phi, z)) + z
-        return self.p(z.view(B, L, h, w)) + r
+        u = self.bn1(self.q(x))  # the latent activations
+        B, L, h, w = u.shape
+        u = u.view(B, L, h * w)
+        u = self.bn2(torch.matmul(phi, u)) + u
+        return self.p(u.view(B, L, h, w)) + r
 
 
 #: A layer of the family.
@@ -170,7 +170,7 @@ def _shape(t: Optional[Tensor]) -> Optional[Shape]:
 
 
 def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[Tensor, Tensor]:
-    """A BatchNorm in eval mode as ``scale * z + shift``, per channel."""
+    """A BatchNorm in eval mode as ``scale * u + shift``, per channel."""
     assert bn.running_var is not None and bn.running_mean is not None  # built with its statistics
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     return scale, bn.bias - scale * bn.running_mean
@@ -224,7 +224,8 @@ def mix_kernels(variant: str, layer: FamilyLayer, x: Tensor) -> Mixed:
                  Step("output channel attention", "[B, O, 1, 1]", _shape(a_f)),
                  Step("kernel attention", "[B, K, 1, 1, 1, 1]", _shape(a_w)),
                  Step("bank Theta", "[K, O, C/g, k, k]", _shape(layer.bank)),
-                 Step("spatial * kernel * Theta", "[B, K, O, C/g, k, k]", _shape(scaled)),
+                 Step("spatial * kernel * Theta" if a_w is not None else "spatial * Theta",
+                      "[B, K, O, C/g, k, k]", _shape(scaled)),
                  Step("kernels, all four attentions in", "[B, O, C/g, k, k]", _shape(kernels)))
         return Mixed(kernels, None, steps)
     if isinstance(layer, DCD2d):
@@ -236,22 +237,22 @@ def mix_kernels(variant: str, layer: FamilyLayer, x: Tensor) -> Mixed:
         p = layer.p.weight[:, :, 0, 0]  # [O, L]
         s1, t1 = _bn_affine(layer.bn1)
         s2, t2 = _bn_affine(layer.bn2)
-        # bn2(Phi z) + z = (I + s2 Phi) z + t2, and z = s1 Q x + t1.
+        # bn2(Phi u) + u = (I + s2 Phi) u + t2, and u = s1 Q^T x + t1.
         fusion = torch.eye(layer.latent, dtype=phi.dtype) + s2[:, None] * phi  # [B, L, L]
         dynamic = p @ fusion @ (s1[:, None] * q)  # P Phi Q^T, [B, O, C]
-        kernels = lam[:, :, None, None, None] * theta0  # Lambda Theta0, [B, O, C, k, k]
+        kernels = lam[:, :, None, None, None] * theta0  # Lambda Theta_s, [B, O, C, k, k]
         c = theta0.shape[-1] // 2
         centre = torch.zeros_like(kernels)
         centre[..., c, c] = dynamic
         kernels = kernels + centre
         bias = ((fusion @ t1) + t2) @ p.T  # [B, O]
-        steps = (Step("Theta0, the static kernel", "[O, C, k, k]", _shape(theta0)),
+        steps = (Step("Theta_s, the static kernel", "[O, C, k, k]", _shape(theta0)),
                  Step("Lambda(x)", "[B, O]", _shape(lam)),
                  Step("Q^T (1 x 1 convolution q)", "[L, C]", _shape(q)),
                  Step("Phi(x), with I and BatchNorm", "[B, L, L]", _shape(fusion)),
                  Step("P (1 x 1 convolution p)", "[O, L]", _shape(p)),
                  Step("P Phi(x) Q^T", "[B, O, C]", _shape(dynamic)),
-                 Step("kernels Lambda Theta0 + P Phi Q^T (centre)", "[B, O, C/g, k, k]", _shape(kernels)),
+                 Step("kernels Lambda Theta_s + P Phi Q^T (centre)", "[B, O, C/g, k, k]", _shape(kernels)),
                  Step("bias from the BatchNorms' shifts", "[B, O]", _shape(bias)))
         return Mixed(kernels, bias, steps)
     raise TypeError(f"not a layer of the family: {type(layer).__name__}")
@@ -318,7 +319,7 @@ def family_shapes(variant: str, B: int = EXAMPLE.B, K: int = EXAMPLE.K, C: int =
 
 
 def parameter_parts(layer: FamilyLayer) -> Dict[str, int]:
-    """The layer's parameters by part: ``kernels`` (the bank, or DCD's ``Theta0``; with the biases),
+    """The layer's parameters by part: ``kernels`` (the bank, or DCD's ``Theta_s``; with the biases),
     ``P and Q`` (DCD's latent path, its BatchNorms included) and ``router``."""
     parts: Dict[str, int] = {"kernels": 0, "P and Q": 0, "router": 0}
     for name, p in layer.named_parameters():

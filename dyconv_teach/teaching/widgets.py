@@ -203,8 +203,8 @@ _FAMILY_NOTES = {
     "ODConv": "Four attentions from one router. The input and output channel attentions could act on x and "
               "y instead of the kernel, at one multiplication per activation, as the official code does; the "
               "spatial attention cannot; the kernel attention could only as the K-branch sum, at K times the "
-              "convolutions. With K = 1 the kernel attention is left out.",
-    "DCD": "K = {K} plays no role: DCD has no bank of K kernels. It keeps one static kernel Theta0 and fuses "
+              "convolutions.{k1}",
+    "DCD": "K = {K} plays no role: DCD has no bank of K kernels. It keeps one static kernel Theta_s and fuses "
            "channels in a latent space of L = floor(sqrt(4*C)) = {L} dimensions.",
 }
 
@@ -215,7 +215,8 @@ def _render_family(variant: int, B: int, K: int, C: int, O: int, k: int, H: int)
     rows = [("x", "[B, C, H, W]", shape_text(r.x))]
     rows += [(s.what, s.symbols, shape_text(s.shape) if s.shape is not None else "none") for s in r.steps]
     sums = "" if r.attention_sums is None else ", ".join(f"{s:.3f}" for s in r.attention_sums)
-    mixing = table(rows) + note(_FAMILY_NOTES[name].format(K=K, L=r.latent, sums=sums))
+    left_out = " With K = 1 the kernel attention is left out." if K == 1 else ""
+    mixing = table(rows) + note(_FAMILY_NOTES[name].format(K=K, L=r.latent, sums=sums, k1=left_out))
     call = r.batch_call
     batching = table([
         ("x.reshape(1, B*C, H, W)", "[1, B*C, H, W]", shape_text(call.input)),

@@ -49,12 +49,12 @@ def test_sentence_exactly_when_the_kernel_does_not_fit() -> None:
 @pytest.mark.parametrize("B, C, O, g, torch_words, sentence", [
     # B=3: groups = g*B = 3 does not divide the O = 4 kernels of the blog's [O, B*C/g, k, k].
     (3, 4, 4, 1, "expected weight to be divisible by 3 at dimension 0",
-     "groups = g*B = 3 must split the O = 4 kernels on axis 0 of the weight [O, B*C/g, k, k] = [4, 12, 3, 3] "
+     "groups = g*B = 3 must split the O = 4 filters on axis 0 of the weight [O, B*C/g, k, k] = [4, 12, 3, 3] "
      "into equal groups, and 3 does not divide 4."),
     # B=3, g=2: six groups, but only O = 4 kernels.
     (3, 4, 4, 2, "expected weight to be at least 6 at dimension 0",
-     "groups = g*B = 6 asks for 6 groups of kernels along axis 0 of the weight [O, B*C/g, k, k] = [4, 6, 3, 3], "
-     "which holds only O = 4 kernels."),
+     "groups = g*B = 6 asks for 6 groups of filters along axis 0 of the weight [O, B*C/g, k, k] = [4, 6, 3, 3], "
+     "which holds only O = 4 filters."),
     # B=2 of the running example: the weight's axis 1 is B*C/g, so torch expects B times too many channels.
     (2, 4, 6, 1, "expected input[1, 8, 9, 9] to have 16 channels",
      "Each of the groups = g*B = 2 groups reads B*C/g = 8 channels (axis 1 of the weight [O, B*C/g, k, k] = "

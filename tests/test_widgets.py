@@ -147,7 +147,7 @@ def test_batch_kernel_explorer_over_its_live_range() -> None:
         # Where K lives and disappears, with the numbers of this setting.
         n = O * (C // g) * k * k
         mix = shown_text(fragments["mix"])
-        assert f"[{B}, {K}] @ [{K}, {n}] -> [{B}, {n}]" in mix and f"K = {K} lives only in this product" in mix
+        assert f"[{B}, {K}] @ [{K}, {n}] -> [{B}, {n}]" in mix and f"K (here {K}) lives only in this product" in mix
         assert f"[{B}, {O}, {C // g}, {k}, {k}]" in mix
         found = errors(fragments)
         naive, blog = found[0], found[1:]

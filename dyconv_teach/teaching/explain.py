@@ -71,12 +71,12 @@ def conv2d_problem(
         )
     if weight[0] < groups:
         return (
-            f"groups = {g} asks for {groups} groups of kernels along axis 0 of the weight "
-            f"{_named(w_in, weight)}, which holds only {_value(w_in[0], weight[0])} kernels."
+            f"groups = {g} asks for {groups} groups of filters along axis 0 of the weight "
+            f"{_named(w_in, weight)}, which holds only {_value(w_in[0], weight[0])} filters."
         )
     if weight[0] % groups:
         return (
-            f"groups = {g} must split the {_value(w_in[0], weight[0])} kernels on axis 0 of the weight "
+            f"groups = {g} must split the {_value(w_in[0], weight[0])} filters on axis 0 of the weight "
             f"{_named(w_in, weight)} into equal groups, and {groups} does not divide {weight[0]}."
         )
     if input[1] != weight[1] * groups:

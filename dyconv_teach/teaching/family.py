@@ -226,7 +226,8 @@ def mix_kernels(variant: str, layer: FamilyLayer, x: Tensor) -> Mixed:
                  Step("bank Theta", "[K, O, C/g, k, k]", _shape(layer.bank)),
                  Step("spatial * kernel * Theta" if a_w is not None else "spatial * Theta",
                       "[B, K, O, C/g, k, k]", _shape(scaled)),
-                 Step("kernels, all four attentions in", "[B, O, C/g, k, k]", _shape(kernels)))
+                 Step("kernels, all four attentions in" if a_w is not None else "kernels, its attentions in",
+                      "[B, O, C/g, k, k]", _shape(kernels)))
         return Mixed(kernels, None, steps)
     if isinstance(layer, DCD2d):
         if layer.training:

@@ -469,7 +469,7 @@ def draw_batch_as_groups(B: int, C: int, O: int, g: int = 1) -> Figure:
         _wire_groups(ax, C, O, g, [color] * g, x0, block, labels, fontsize=12)
         ax.text(x0 + block / 2, 1.22, f"sample b={b}", ha="center", va="center", fontsize=10, color=color)
         ax.text(x0 + block / 2, -0.22, f"out[{b}]", ha="center", va="center", fontsize=10, color=color)
-    ax.set_title(f"groups = B*g = {B * g}: sample b meets only its own kernels;\n"
+    ax.set_title(f"groups = B*g = {B * g}: sample b meets only its own kernel;\n"
                  f"the output [1, B*O, H', W'] is viewed back to [B={B}, O={O}, H', W']", fontsize=10)
     return _finish(fig, ax, width, f"x.reshape(1, B*C={B * C}, H, W)", f"[1, B*O={B * O}, H', W']")
 

@@ -134,7 +134,7 @@ def _render_batch_kernel(B: int, K: int, g: int, C: int, O: int, k: int, H: int)
         "[B, K] @ [K, O*C/g*k*k] -> [B, O*C/g*k*k]",
         f"{shape_text(r.attention)} @ {shape_text(r.flat_bank)} -> {shape_text(r.mixed)}",
     ) + note(
-        f"K = {K} lives only in this product: it sums over the kernels j, so sample b gets one kernel set "
+        f"K (here {K}) lives only in this product: it sums over the kernels j, so sample b gets one kernel set "
         f"sum_j pi[b, j] Theta_j, and after the aggregation no shape holds K."
     )
     naive_why = conv2d_problem(r.x, r.aggregated, g, NAIVE_5D)
@@ -185,7 +185,7 @@ def batch_kernel_explorer(C: int = EXAMPLE.C, O: int = EXAMPLE.O, k: int = EXAMP
         "naive-error": caption("The naive path: F.conv2d(x, aggregated, groups=g) with the 5-D weight"),
         "blog": caption("The blog post's reshape: one .view for the whole batch"),
         "trick": caption("Batch as groups: one grouped F.conv2d call"),
-        "diagram": caption("Wiring of the trick: sample b meets only its own kernels"),
+        "diagram": caption("Wiring of the trick: sample b meets only its own kernel"),
     }
     return Explorer("batch_kernel", f"Dynamic convolution of a batch (C={C}, O={O}, k={k}, H=W={H})", controls,
                     ("shapes", "mix", "naive-error", "blog", "trick", "diagram"), render, headers,

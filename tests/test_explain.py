@@ -73,7 +73,7 @@ def test_five_d_weight_sentence() -> None:
     assert error is not None and "expected stride to be a single integer value or a list of 3 values" in error
     assert conv2d_problem((2, 4, 9, 9), (2, 6, 4, 3, 3), 1, NAIVE_5D) == (
         "The weight [B, O, C/g, k, k] = [2, 6, 4, 3, 3] has 5 axes, so torch reads the call as a 3-D convolution "
-        "and asks for 3 strides; F.conv2d takes a 4-D weight, one set of kernels for the whole batch, with no "
+        "and asks for 3 strides; F.conv2d takes a 4-D weight, a single kernel for the whole batch, with no "
         "axis for B = 2."
     )
 

@@ -114,7 +114,7 @@ def test_batch_kernel_shapes(B: int, K: int, g: int) -> None:
     assert r.aggregated == (B, O, C // g, k, k)
     # The naive error is torch's own message for a 5-D weight.
     assert r.naive_error == torch_error(F.conv2d, torch.zeros(B, C, H, H), torch.zeros(B, O, C // g, k, k), groups=g)
-    # The blog's view puts the B kernel sets on the input-channel axis: fine only for B = 1.
+    # The blog's view puts the B kernels on the input-channel axis: fine only for B = 1.
     x, bank, pi = torch.randn(B, C, H, H), torch.randn(K, O, C // g, k, k), torch.softmax(torch.randn(B, K), 1)
     assert (r.blog_call.weight, r.blog_call.groups) == ((O, B * C // g, k, k), g * B)
     if B == 1:

@@ -274,7 +274,7 @@ CONV_MISTAKES: Tuple[Mistake, ...] = (
     Mistake(
         "blog_view", "the blog post's `.view(out_planes, -1, k, k)`",
         "It fixes the first axis of the mixed kernels to O and lets the second absorb the batch: "
-        "[O, B*C/g, k, k] puts the B kernel sets on the input-channel axis, where the grouped convolution "
+        "[O, B*C/g, k, k] puts the B kernels on the input-channel axis, where the grouped convolution "
         "needs them on the output-channel axis, [B*O, C/g, k, k]. With B = 1 the two are the same, which "
         "is why one sample works. Fix the last axes instead: `.reshape(-1, C // g, k, k)`.",
         5, "The blog's code: `.view(out_planes, -1, k, k)`", (blog_dynamic_conv2d,),

@@ -34,7 +34,7 @@ class Symbols:
     groups: str
 
 
-#: The first thing everyone tries, ``F.conv2d(x, weight)`` with one kernel set per sample (a 5-D weight).
+#: The first thing everyone tries, ``F.conv2d(x, weight)`` with one kernel per sample (a 5-D weight).
 NAIVE_5D = Symbols(("B", "C", "H", "W"), ("B", "O", "C/g", "k", "k"), "g")
 
 #: The blog post's call, ``x.view(1, -1, H, W)`` and the weight ``.view(O, -1, k, k)``, ``groups = g*B``.
@@ -66,7 +66,7 @@ def conv2d_problem(
         return (
             f"The weight {_named(w_in, weight)} has {len(weight)} axes, so torch reads the call as a "
             f"{len(weight) - 2}-D convolution and asks for {len(weight) - 2} strides; F.conv2d takes a "
-            f"{len(input)}-D weight, one set of kernels for the whole batch, with no axis for "
+            f"{len(input)}-D weight, a single kernel for the whole batch, with no axis for "
             f"{_value(w_in[0], weight[0])}."
         )
     if weight[0] < groups:

@@ -221,7 +221,7 @@ class BatchKernelShapes:
     bank: Shape  # Theta, [K, O, C/g, k, k]
     flat_bank: Shape  # Theta.reshape(K, -1), [K, O*C/g*k*k]
     mixed: Shape  # pi @ flat_bank, [B, O*C/g*k*k]: K is summed away
-    aggregated: Shape  # one kernel set per sample, [B, O, C/g, k, k]
+    aggregated: Shape  # one kernel per sample, [B, O, C/g, k, k]
     naive_error: str  # what F.conv2d says to the 5-D weight
     blog_call: ConvCall  # the blog code's F.conv2d call: its .view'ed weight and groups
     blog_error: Optional[str]  # None when the blog code works (B = 1)

@@ -134,7 +134,7 @@ def _render_batch_kernel(B: int, K: int, g: int, C: int, O: int, k: int, H: int)
         "[B, K] @ [K, O*C/g*k*k] -> [B, O*C/g*k*k]",
         f"{shape_text(r.attention)} @ {shape_text(r.flat_bank)} -> {shape_text(r.mixed)}",
     ) + note(
-        f"K (here {K}) lives only in this product: it sums over the kernels j, so sample b gets one kernel set "
+        f"K (here {K}) lives only in this product: it sums over the kernels j, so sample b gets one kernel "
         f"sum_j pi[b, j] Theta_j, and after the aggregation no shape holds K."
     )
     naive_why = conv2d_problem(r.x, r.aggregated, g, NAIVE_5D)

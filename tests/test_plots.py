@@ -50,6 +50,13 @@ def assert_closed(fig: Figure) -> None:
 # -- dynamic convolution ---------------------------------------------------------------------------
 
 
+def attention_branch(layer: DynamicConv2d, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention branch of a real forward pass written out: pooled x, fc1's output, the logits."""
+    pooled = x.mean(dim=(2, 3))
+    hidden = layer.fc1(pooled)
+    return pooled, hidden, layer.fc2(F.relu(hidden))
+
+
 @pytest.mark.parametrize("B, C, O, K, k, g, H, routing", [
     (EXAMPLE.B, EXAMPLE.C, EXAMPLE.O, EXAMPLE.K, EXAMPLE.k, 1, EXAMPLE.H, "softmax"),
     (3, 16, 4, 2, 5, 2, 7, "sigmoid"),
@@ -64,9 +71,7 @@ def test_dynamic_convolution_labels_real_shapes(B: int, C: int, O: int, K: int, 
     assert_closed(fig)
     # The shapes of a real forward pass, step by step.
     with torch.no_grad():
-        pooled = x.mean(dim=(2, 3))
-        hidden = layer.fc1(pooled)
-        logits = layer.fc2(F.relu(hidden))
+        pooled, hidden, logits = attention_branch(layer, x)
         pi = layer.attention(x)
         y = layer(x)
         bank = layer.weight.reshape(K, O, C // g, k, k)
@@ -104,9 +109,7 @@ def test_gradient_flow_labels_real_shapes(B: int, C: int, O: int, K: int, k: int
     # The tensors of a real forward pass, the branch written out as the figure draws it (each gradient
     # has its tensor's shape).
     with torch.no_grad():
-        pooled = x.mean(dim=(2, 3))
-        hidden = layer.fc1(pooled)
-        logits = layer.fc2(F.relu(hidden))
+        pooled, hidden, logits = attention_branch(layer, x)
         pi = torch.softmax(logits / layer.temperature, dim=-1)
         assert torch.allclose(pi, layer.attention(x))
         mixed = torch.einsum("bj,j...->b...", pi, layer.bank)

@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import statistics
+import textwrap
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -94,9 +95,10 @@ def grouped_trick_conv2d(
     x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, stride: IntOrTuple = 1,
     padding: IntOrTuple = 0, dilation: IntOrTuple = 1, groups: int = 1,
 ) -> Tensor:
-    """A peer: the batch-as-groups trick as timm's ``CondConv2d``, the blog posts and ODConv
-    write it (their forward, line for line, after the routing): one matrix product mixes the
-    kernels, one grouped ``F.conv2d`` runs the batch, autograd does the rest."""
+    """A peer: the batch-as-groups trick as timm's ``CondConv2d`` and ODConv write it (their
+    forward, line for line, after the routing), which is the blog posts' with the second post's
+    ``.view`` fixed: one matrix product mixes the kernels, one grouped ``F.conv2d`` runs the
+    batch, autograd does the rest."""
     B, C, H, W = x.shape
     K, O = weight.shape[:2]
     aggregate_weight = torch.matmul(attention, weight.reshape(K, -1)).view(B * O, C // groups, *weight.shape[3:])
@@ -369,48 +371,67 @@ def _geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _legend(title: str, names: Sequence[str]) -> str:
+    """``title`` and what each short column name in ``names`` stands for, wrapped at 80 columns."""
+    keys = [f"{_SHORT.get(n, n)} = {n}" for n in names if _SHORT.get(n, n) != n]
+    return textwrap.fill(title + (" (" + "; ".join(keys) + ")" if keys else "") + ":", 80)
+
+
 def format_report(rows: Sequence[Cell], noise: float = NOISE) -> str:
-    """The time table (median ratio to the static conv, +- half the interquartile range in
-    percent), the core against the best peer per cell, the geometric means, and, when
-    measured, the memory table (MiB). A cell where the core is slower than the best peer by
-    more than ``noise`` is listed. An entry not run in a cell shows ``-``."""
-    names = list(dict.fromkeys(n for row in rows for n in row.times))
-    w = 12
-    head = f"{'C=O':>5} {'HxW':>7} {'B':>4} {'static ms':>10}" + "".join(f"{_SHORT.get(n, n):>{w}}" for n in names[1:])
-    lines = ["Forward+backward time / static conv: median over rounds +- half the interquartile range in %",
-             "Columns: " + "; ".join(f"{_SHORT.get(n, n)} = {n}" for n in names[1:] if _SHORT.get(n, n) != n)
-             + "; p: marks the peers; core/peer = the core's median over the best peer's",
-             head + f"{'core/peer':>{w}}"]
+    """The time tables (median ratio to the static conv, +- half the interquartile range in
+    percent; first the core and its strategies, then the peers and the core over the best peer
+    per cell, each narrow enough for a page), the geometric means, and, when measured, the memory
+    table (MiB). A cell where the core is slower than the best peer by more than ``noise`` is
+    listed. An entry not run in a cell shows ``-``."""
+    names = list(dict.fromkeys(n for row in rows for n in row.times))[1:]
+    w = 11
+    key = f"{'C=O':>5} {'HxW':>7} {'B':>4}"
+    lines = [textwrap.fill("Forward+backward time / static conv: median over rounds +- half the interquartile "
+                           "range in %.", 80)]
     behind = []
-    for row in rows:
-        line = f"{row.C:>5} {f'{row.HW}x{row.HW}':>7} {row.B:>4} {row.seconds(BASELINE) * 1e3:>10.3f}"
-        line += "".join(f"{f'{row.ratio(n):.2f}+-{row.spread(n) * 100:.0f}':>{w}}" if n in row.times
-                        else f"{'-':>{w}}" for n in names[1:])
-        core_vs_peer = row.ratio(CORE) / row.ratio(row.best_peer())
-        if core_vs_peer > 1 + noise:
-            behind.append(f"{row.label} ({core_vs_peer:.2f}x {row.best_peer()})")
-        lines.append(line + f"{core_vs_peer:>{w}.2f}")
-    geo = [f"{_geomean([r.ratio(n) for r in rows]):>{w}.2f}" if all(n in r.times for r in rows)
-           else f"{'-':>{w}}" for n in names[1:]]
-    lines.append(f"{'geomean':>29}" + "".join(geo))
+    for title, part in (("The core and its strategies", [n for n in names if n not in PEERS]),
+                        ("The peers, and core/peer = the core's median over the best peer's",
+                         [n for n in names if n in PEERS])):
+        peers = part[0] in PEERS
+        lines += ["", _legend(title, part),
+                  key + ("" if peers else f"{'static ms':>10}") + "".join(f"{_SHORT.get(n, n):>{w}}" for n in part)
+                  + (f"{'core/peer':>{w}}" if peers else "")]
+        for row in rows:
+            line = f"{row.C:>5} {f'{row.HW}x{row.HW}':>7} {row.B:>4}"
+            line += "" if peers else f"{row.seconds(BASELINE) * 1e3:>10.3f}"
+            line += "".join(f"{f'{row.ratio(n):.2f}+-{row.spread(n) * 100:.0f}':>{w}}" if n in row.times
+                            else f"{'-':>{w}}" for n in part)
+            if peers:
+                core_vs_peer = row.ratio(CORE) / row.ratio(row.best_peer())
+                if core_vs_peer > 1 + noise:
+                    behind.append(f"{row.label} ({core_vs_peer:.2f}x {row.best_peer()})")
+                line += f"{core_vs_peer:>{w}.2f}"
+            lines.append(line)
+        geo = [f"{_geomean([r.ratio(n) for r in rows]):>{w}.2f}" if all(n in r.times for r in rows)
+               else f"{'-':>{w}}" for n in part]
+        lines.append(f"{'geomean':>{len(key) + (0 if peers else 10)}}" + "".join(geo))
     best_peer_geo = _geomean([r.ratio(r.best_peer()) for r in rows])
-    lines.append(f"Geomean of the core {_geomean([r.ratio(CORE) for r in rows]):.2f}x static conv; of the best "
-                 f"peer per cell {best_peer_geo:.2f}x.")
-    lines.append(f"Cells where the core is more than {noise:.0%} slower than the best peer: "
-                 + ("none" if not behind else "; ".join(behind)))
+    lines += ["", f"Geomean of the core {_geomean([r.ratio(CORE) for r in rows]):.2f}x static conv; of the best "
+              f"peer per cell {best_peer_geo:.2f}x.",
+              f"Cells where the core is more than {noise:.0%} slower than the best peer:"
+              + ("".join(f"\n  {cell}" for cell in behind) if behind else " none")]
     if rows[0].peak_bytes:
         mib = 2.0**20
-        lines += [
-            "",
-            "Memory, MiB: the per-sample weight [B*O, C/g, k, k] that batch-as-groups builds, and the peak",
-            "allocated during forward+backward (tensors made during the call only, inputs excluded;",
-            "scratch memory of oneDNN/MKL/cuDNN outside PyTorch's allocator is not seen)",
-            f"{'C=O':>5} {'HxW':>7} {'B':>4} {'weight':>10}" + "".join(f"{_SHORT.get(n, n):>{w}}" for n in names),
-        ]
-        for row in rows:
-            line = f"{row.C:>5} {f'{row.HW}x{row.HW}':>7} {row.B:>4} {row.weight_bytes / mib:>10.2f}"
-            lines.append(line + "".join(
-                f"{row.peak_bytes[n] / mib:>{w}.2f}" if n in row.peak_bytes else f"{'-':>{w}}" for n in names))
+        lines += ["", textwrap.fill(
+            "Memory, MiB: the per-sample weight [B*O, C/g, k, k] that batch-as-groups builds, and the peak "
+            "allocated during forward+backward (tensors made during the call only, inputs excluded; scratch "
+            "memory of oneDNN/MKL/cuDNN outside PyTorch's allocator is not seen), in two tables:", 80)]
+        entries = [BASELINE, *names]
+        half = (len(entries) + 1) // 2
+        for part in (entries[:half], entries[half:]):
+            first = part[0] == BASELINE
+            head = key + (f"{'weight':>10}" if first else "")
+            lines += ["", head + "".join(f"{_SHORT.get(n, n):>{w}}" for n in part)]
+            for row in rows:
+                line = f"{row.C:>5} {f'{row.HW}x{row.HW}':>7} {row.B:>4}"
+                line += f"{row.weight_bytes / mib:>10.2f}" if first else ""
+                lines.append(line + "".join(
+                    f"{row.peak_bytes[n] / mib:>{w}.2f}" if n in row.peak_bytes else f"{'-':>{w}}" for n in part))
     return "\n".join(lines)
 
 

@@ -85,22 +85,31 @@ def test_main_quick_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> Non
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("machine: ")
     assert lines[1].startswith(f"torch {torch.__version__}, 1 threads")
-    entries = list(bench.strategies_for("cpu"))
-    header = next(line for line in lines if line.lstrip().startswith("C=O") and "static ms" in line)
-    assert header.split()[5:] == [bench._SHORT[n] for n in entries[1:]] + ["core/peer"]
+    entries = list(bench.strategies_for("cpu"))[1:]
+    ours = [n for n in entries if n not in bench.PEERS]
+    peers = [n for n in entries if n in bench.PEERS]
+    headers = [line.split() for line in lines if line.lstrip().startswith("C=O")]
+    # The core's time table, the peers' time table, then the memory table in two halves.
+    assert headers[0][3:] == ["static", "ms"] + [bench._SHORT[n] for n in ours]
+    assert headers[1][3:] == [bench._SHORT[n] for n in peers] + ["core/peer"]
+    memory = [bench.BASELINE, *entries]
+    assert headers[2][3:] + headers[3][3:] == ["weight"] + [bench._SHORT[n] for n in memory]
     rows = [line.split() for line in lines if line.split()[:2] == ["8", "8x8"]]
-    time_rows, memory_rows = rows[: len(bench.QUICK_BATCHES)], rows[len(bench.QUICK_BATCHES) :]
-    assert [int(r[2]) for r in time_rows] == list(bench.QUICK_BATCHES)
-    for r in time_rows:  # B, static ms, a median+-spread per non-baseline entry, core/peer
-        assert len(r) == 4 + len(entries) - 1 + 1
-        assert all(float(v.split("+-")[0]) > 0 and v.split("+-")[1].isdigit() for v in r[4:-1])
-    geomean = next(line for line in lines if line.split()[:1] == ["geomean"])
-    assert len(geomean.split()) == len(entries)
+    n = len(bench.QUICK_BATCHES)
+    assert len(rows) == 4 * n and [int(r[2]) for r in rows] == list(bench.QUICK_BATCHES) * 4
+    for r in rows[:n]:  # B, static ms, a median+-spread per entry of the core
+        assert len(r) == 4 + len(ours) and float(r[3]) > 0
+        assert all(float(v.split("+-")[0]) > 0 and v.split("+-")[1].isdigit() for v in r[4:])
+    for r in rows[n : 2 * n]:  # a median+-spread per peer, then core/peer
+        assert len(r) == 3 + len(peers) + 1 and float(r[-1]) > 0
+        assert all(float(v.split("+-")[0]) > 0 and v.split("+-")[1].isdigit() for v in r[3:-1])
+    geomeans = [line.split() for line in lines if line.split()[:1] == ["geomean"]]
+    assert [len(g) - 1 for g in geomeans] == [len(ours), len(peers)]
     assert any(line.startswith("Geomean of the core ") for line in lines)
-    assert any(line.startswith("Cells where the core is more than 10% slower than the best peer: ") for line in lines)
-    assert [int(r[2]) for r in memory_rows] == list(bench.QUICK_BATCHES)
-    for r in memory_rows:  # B, weight MiB, one peak per entry
-        assert len(r) == 4 + len(entries)
+    assert any(line.startswith("Cells where the core is more than 10% slower than the best peer:") for line in lines)
+    for r in rows[2 * n : 3 * n]:  # weight MiB, one peak per entry of the first half
+        assert len(r) == 3 + 1 + len(headers[2]) - 4
+    assert all(len(r) == len(headers[3]) for r in rows[3 * n :])
 
 
 @pytest.mark.parametrize(
@@ -138,7 +147,7 @@ def test_format_report_verdicts() -> None:
 
     text = bench.format_report([row(1, 1.1, 1.5), row(32, 2.0, 1.5)])
     assert "Geomean of the core 1.48x static conv; of the best peer per cell 1.50x." in text
-    assert "more than 10% slower than the best peer: C=4 5x5 B=32 (1.33x per-sample loop)" in text
+    assert "more than 10% slower than the best peer:\n  C=4 5x5 B=32 (1.33x per-sample loop)" in text
     assert "B=1 " not in text and "Memory" not in text
     assert "slower than the best peer: none" in bench.format_report([row(1, 1.05, 1.0)])  # 5%: within the noise
 
@@ -149,9 +158,19 @@ def test_format_report_marks_entries_not_run() -> None:
              "grouped trick": [1.3]}
     big = {n: t for n, t in times.items() if n != "per-sample loop"}
     text = bench.format_report([bench.Cell(4, 5, 1, times, 0), bench.Cell(4, 5, 128, big, 0)])
-    row = next(line for line in text.splitlines() if line.split()[:3] == ["4", "5x5", "128"])
-    geomean = next(line for line in text.splitlines() if line.split()[:1] == ["geomean"])
+    # The peers' table comes second: its row and geomean are the last of their kind.
+    row = [line for line in text.splitlines() if line.split()[:3] == ["4", "5x5", "128"]][-1]
+    geomean = [line for line in text.splitlines() if line.split()[:1] == ["geomean"]][-1]
     assert row.split()[-3] == "-" and geomean.split()[-2] == "-"  # the loop's column, before the grouped trick
+
+
+def test_format_report_fits_a_page() -> None:
+    """Two narrow tables (the core's, then the peers'), every line at most 85 columns, memory included."""
+    times = {n: [1.0 + i / 10] * 3 for i, n in enumerate(bench.strategies_for("cpu"))}
+    peaks = {n: 2**20 for n in times}
+    text = bench.format_report([bench.Cell(256, 7, 32, times, 2**20, peaks)])
+    assert max(len(line) for line in text.splitlines()) <= 85
+    assert text.count("geomean") == 2 and text.count("p:vmap") == 3  # legend, time and memory tables
 
 
 def test_resnet18_has_torchvisions_shapes() -> None:

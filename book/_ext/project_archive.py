@@ -37,7 +37,7 @@ jupyter lab book/
 ```
 
 Open a chapter (`book/01_introduction.ipynb` first) and run its cells from
-the top. The explorers of chapters 2, 3 and 5 are live widgets there.
+the top. The explorers of chapters 2, 3, 5 and 11 are live widgets there.
 
 `requirements.txt` asks for `torch==2.13.0`; on Linux, pip picks a build
 with CUDA libraries, several GB. The book runs on the CPU, so you can take

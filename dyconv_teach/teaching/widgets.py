@@ -135,13 +135,13 @@ def _render_batch_kernel(B: int, K: int, g: int, C: int, O: int, k: int, H: int)
         f"{shape_text(r.attention)} @ {shape_text(r.flat_bank)} -> {shape_text(r.mixed)}",
     ) + note(
         f"K (here {K}) lives only in this product: it sums over the kernels j, so sample b gets one kernel "
-        f"sum_j pi[b, j] Theta_j, and after the aggregation no shape holds K."
+        f"sum_j pi[b, j] Theta_j, and after the mixing no shape holds K."
     )
     naive_why = conv2d_problem(r.x, r.aggregated, g, NAIVE_5D)
     naive = error("F.conv2d", "RuntimeError", r.naive_error, _explained(naive_why, r.naive_error))
     blog_rows = [
         ("x.view(1, -1, H, W)", "[1, B*C, H, W]", shape_text(r.blog_call.input)),
-        ("aggregated.view(O, -1, k, k)", "[O, B*C/g, k, k]", shape_text(r.blog_call.weight)),
+        ("mixed.view(O, -1, k, k)", "[O, B*C/g, k, k]", shape_text(r.blog_call.weight)),
         ("groups", "g*B", str(r.blog_call.groups)),
     ]
     if r.blog_error is None:
@@ -182,7 +182,7 @@ def batch_kernel_explorer(C: int = EXAMPLE.C, O: int = EXAMPLE.O, k: int = EXAMP
     headers = {
         "shapes": caption("Attention pi and the kernel bank Theta = [Theta_0, ..., Theta_(K-1)]"),
         "mix": caption("Where K lives and disappears: one matrix product mixes the kernels per sample"),
-        "naive-error": caption("The naive path: F.conv2d(x, aggregated, groups=g) with the 5-D weight"),
+        "naive-error": caption("The naive path: F.conv2d(x, mixed, groups=g) with the 5-D weight"),
         "blog": caption("The blog post's reshape: one .view for the whole batch"),
         "trick": caption("Batch as groups: one grouped F.conv2d call"),
         "diagram": caption("Wiring of the trick: sample b meets only its own kernel"),

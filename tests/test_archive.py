@@ -55,6 +55,10 @@ def test_archive_holds_the_runnable_project_and_is_reproducible(tmp_path: Path) 
     # The measurements chapters 8 and 10 read (book/data) travel with the chapters.
     data = {f"dyconv-book/{p.relative_to(ROOT).as_posix()}" for p in ROOT.glob("book/data/*.csv")}
     assert data and data <= set(names)
+    # The whole project, every file git tracks.
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    project = {f"dyconv-book/{n}" for n in tracked.split()}
+    assert project == set(names) - {"dyconv-book/HOW_TO_RUN.md"}
 
 
 def test_the_book_ships_the_archive() -> None:
@@ -98,8 +102,9 @@ def test_archive_runs_a_chapter_in_a_fresh_environment(tmp_path: Path) -> None:
     run([sys.executable, "-m", "venv", str(venv)], cwd=project)
     python = str(venv / "bin" / "python")
     run([python, "-m", "pip", "install", "-q", "-r", "requirements.txt"], cwd=project)
-    # The archive has no tests/ folder: replace the repository's pytest options by nbval's own, with
-    # the repository's sanitizer (a stored explorer keeps only its default view; see nbval_sanitize.cfg).
+    # requirements.txt installs what the chapters need, not the test suite's extras: nbval's own
+    # options instead of the project's, with the archive's sanitizer (a stored explorer keeps only
+    # its default view; see nbval_sanitize.cfg).
     run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--nbval",
-         "--nbval-current-env", "--nbval-sanitize-with", str(ROOT / "tests" / "nbval_sanitize.cfg"), CHAPTER],
+         "--nbval-current-env", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg", CHAPTER],
         cwd=project)

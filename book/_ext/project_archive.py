@@ -1,13 +1,13 @@
-"""Ship the runnable project with the HTML book, as ``_static/dyconv-book.zip``.
+"""Ship the whole project with the HTML book, as ``_static/dyconv-book.zip``.
 
 A reader of the online book downloads it, installs it, and runs the chapters in
-Jupyter. It holds the chapters and the measurements they read (``book/data``),
-the package, ``requirements.txt``, ``pyproject.toml``, ``README.md``
-(``pyproject.toml`` names it as the package's readme), ``tools/gpu_check.py``
-(chapter 10 tells readers with a GPU to run it) and ``HOW_TO_RUN.md``, all under
-one folder ``dyconv-book/``. It is written at the end of every HTML build from
-that build's sources, with fixed timestamps and modes and in a fixed order, so
-the same sources give a byte-identical archive.
+Jupyter; everything the book points at is in it: the chapters and the measurements
+they read (``book/data``), the package and its tests, the book's configuration and
+extensions, ``tools/`` (chapter 10 tells readers with a GPU to run ``gpu_check.py``),
+``README.md`` and ``HOW_TO_RUN.md``, all under one folder ``dyconv-book/``: every
+file of the repository, and HOW_TO_RUN.md. It is written at
+the end of every HTML build from that build's sources, with fixed timestamps and
+modes and in a fixed order, so the same sources give a byte-identical archive.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from sphinx.application import Sphinx
 
 ARCHIVE = "dyconv-book.zip"
 FOLDER = "dyconv-book"
-FILES = ["README.md", "pyproject.toml", "requirements.txt", "tools/gpu_check.py"]
-# book/data: the GPU measurements chapters 8 and 10 read; tools/gpu_check.py re-measures them.
-PATTERNS = ["book/*.ipynb", "book/data/*", "dyconv_teach/**/*.py"]
+FILES = ["README.md", "LICENSE", "pyproject.toml", "requirements.txt", "_config.yml", "_toc.yml", ".ci/run",
+         ".gitignore"]
+# book/data holds the measurements chapters 8 and 10 read; tools/gpu_check.py re-measures them.
+PATTERNS = ["book/**/*", "dyconv_teach/**/*.py", "tests/*", "tools/*.py", ".github/workflows/*.yml"]
+# What a build or a run leaves beside the sources.
+SKIP = {"__pycache__", ".ipynb_checkpoints", ".pytest_cache"}
 HOW_TO_RUN = """\
 # How to run the book's chapters
 
@@ -39,13 +42,16 @@ jupyter lab book/
 Open a chapter (`book/01_introduction.ipynb` first) and run its cells from
 the top. The explorers of chapters 2, 3, 5 and 11 are live widgets there.
 
+This folder is the whole project: `README.md` describes the package and
+how to build the book and run its tests (`tests/`) from here.
+
 `requirements.txt` asks for `torch==2.13.0`; on Linux, pip picks a build
 with CUDA libraries, several GB. The book runs on the CPU, so you can take
 the CPU build instead:
 `pip install -r requirements.txt --extra-index-url https://download.pytorch.org/whl/cpu`.
 
 The layer alone, without the book's helpers: `pip install .`, then
-`from dyconv_teach import DynamicConv2d`. `README.md` describes the package.
+`from dyconv_teach import DynamicConv2d`.
 """
 
 # Any fixed date works; zip cannot store dates before 1980.
@@ -56,8 +62,8 @@ def members(root: Path) -> List[Path]:
     """The project files the archive holds, relative to ``root``, sorted."""
     found = [root / name for name in FILES]
     for pattern in PATTERNS:
-        found.extend(root.glob(pattern))
-    return sorted(path.relative_to(root) for path in found)
+        found.extend(path for path in root.glob(pattern) if path.is_file())
+    return sorted(path.relative_to(root) for path in found if not SKIP & set(path.relative_to(root).parts))
 
 
 def write_archive(root: Path, target: Path) -> None:

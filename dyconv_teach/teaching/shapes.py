@@ -1,7 +1,7 @@
 """Shape bookkeeping for the book: every shape here comes from a real torch call.
 
-The three explorers of :mod:`dyconv_teach.teaching.widgets` only render what these plain
-functions return, so the tests and the notebooks can call them directly:
+The explorers of chapters 2, 3 and 5 (:mod:`dyconv_teach.teaching.widgets`) only render what these
+plain functions return, so the tests and the notebooks can call them directly:
 
 - :func:`static_conv_shapes`: one ``F.conv2d`` call, and the output-size formula.
 - :func:`grouped_conv_shapes`: a grouped convolution and its parameter count.

@@ -149,10 +149,10 @@ _DOC = r"""Convolve each sample with its own attention-weighted mixture of K ker
         weight: kernel bank ``Theta``, ``{bank}``.
         attention: mixing weights ``pi``, ``[B, K]`` (``[K]`` for unbatched ``x``).
         bias: bias bank ``[K, O]`` or ``None``.
-        stride: step of the kernel over the input, an int or a tuple of {dims} ints.
-        padding: zeros added to both sides of each spatial axis: an int, a tuple of {dims} ints,
+        stride: step of the kernel over the input, an int or a tuple of {ints}.
+        padding: zeros added to both sides of each spatial axis: an int, a tuple of {ints},
             ``'same'`` (the output as large as the input; stride 1 only) or ``'valid'`` (no padding).
-        dilation: spacing between the kernel's taps, an int or a tuple of {dims} ints.
+        dilation: spacing between the kernel's taps, an int or a tuple of {ints}.
         groups: ``g``; each filter reads ``C/g`` input channels (``C`` and ``O`` divisible by ``g``).
         strategy: ``'auto'`` (the rule of :func:`dyconv_teach.strategies.choose`,
             per device), ``'benchmark'`` (the fastest strategy on this machine, timed on the
@@ -174,7 +174,7 @@ _DOC = r"""Convolve each sample with its own attention-weighted mixture of K ker
 def _doc(dims: int) -> str:
     out = "[B, O, " + ", ".join(s + "'" for s in SPATIAL[dims]) + "]"
     return _DOC.format(dims=dims, x=input_text(dims), x1=input_text(dims, batched=False), bank=bank_text(dims),
-                       out=out, first=SPATIAL[dims][0])
+                       out=out, first=SPATIAL[dims][0], ints="1 int" if dims == 1 else f"{dims} ints")
 
 
 def dynamic_conv1d(

@@ -273,7 +273,8 @@ class _DynamicConvNd(_Tempered, nn.Module):
                              self.dilation, self.groups, self.strategy)
 
     def extra_repr(self) -> str:
-        """The arguments shown by ``repr``: ``nn.Conv2d``'s, then the layer's own that are set."""
+        """The arguments shown by ``repr``: ``nn.Conv2d``'s, then ``num_kernels`` and ``temperature`` always and
+        the layer's other arguments where they differ from their defaults."""
         s = "{in_channels}, {out_channels}, kernel_size={kernel_size}, stride={stride}"
         if self.padding != (0,) * self._dims:
             s += ", padding={padding}"
@@ -306,12 +307,12 @@ _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sam
     Args:
         in_channels: ``C``, channels of the input.
         out_channels: ``O``, channels of the output.
-        kernel_size: an int or a tuple of {dims} ints.
-        stride: step of the kernel over the input, an int or a tuple of {dims} ints.
+        kernel_size: an int or a tuple of {ints}.
+        stride: step of the kernel over the input, an int or a tuple of {ints}.
         padding: added to both sides of each spatial axis (zeros, or as ``padding_mode`` says): an int,
-            a tuple of {dims} ints, ``'same'`` (the output as large as the input; stride 1 only) or
+            a tuple of {ints}, ``'same'`` (the output as large as the input; stride 1 only) or
             ``'valid'`` (no padding).
-        dilation: spacing between the kernel's taps, an int or a tuple of {dims} ints.
+        dilation: spacing between the kernel's taps, an int or a tuple of {ints}.
         groups: ``g``; each filter reads ``C/g`` input channels (``C`` and ``O`` divisible by ``g``).
         bias: if ``True``, each of the K kernels has its own bias.
         padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``,
@@ -374,7 +375,7 @@ _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sam
 def _layer_doc(dims: int) -> str:
     out = "[B, O, " + ", ".join(s + "'" for s in SPATIAL[dims]) + "]"
     return _LAYER_DOC.format(dims=dims, x=input_text(dims), x1=input_text(dims, batched=False), out=out,
-                             first=SPATIAL[dims][0])
+                             first=SPATIAL[dims][0], ints="1 int" if dims == 1 else f"{dims} ints")
 
 
 class DynamicConv1d(_DynamicConvNd):

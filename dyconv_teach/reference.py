@@ -74,7 +74,7 @@ def blog_dynamic_conv2d(
     """The forward pass of a Chinese-language blog post's dynamic convolution (the post whose
     first heading is 普通卷积和动态卷积的区别; the book's chapter 5), line for line.
 
-    Its aggregated weight is reshaped with ``.view(out_planes, -1, k, k)``. For
+    Its mixed weight is reshaped with ``.view(out_planes, -1, k, k)``. For
     B = 1 that is ``[O, C/g, k, k]`` and correct; for B > 1 the B kernels
     land in the *input*-channel axis, ``[O, B*C/g, k, k]``, instead of the
     output-channel axis ``[B*O, C/g, k, k]``, and ``F.conv2d`` fails.

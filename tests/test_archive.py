@@ -102,9 +102,5 @@ def test_archive_runs_a_chapter_in_a_fresh_environment(tmp_path: Path) -> None:
     run([sys.executable, "-m", "venv", str(venv)], cwd=project)
     python = str(venv / "bin" / "python")
     run([python, "-m", "pip", "install", "-q", "-r", "requirements.txt"], cwd=project)
-    # requirements.txt installs what the chapters need, not the test suite's extras: nbval's own
-    # options instead of the project's, with the archive's sanitizer (a stored explorer keeps only
-    # its default view; see nbval_sanitize.cfg).
-    run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--nbval",
-         "--nbval-current-env", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg", CHAPTER],
-        cwd=project)
+    # The archive's own pytest configuration (pyproject.toml): nbval with its sanitizer.
+    run([python, "-m", "pytest", "-q", CHAPTER], cwd=project)

@@ -174,7 +174,7 @@ _DOC = r"""Convolve each sample with its own attention-weighted mixture of K ker
 def _doc(dims: int) -> str:
     out = "[B, O, " + ", ".join(s + "'" for s in SPATIAL[dims]) + "]"
     return _DOC.format(dims=dims, x=input_text(dims), x1=input_text(dims, batched=False), bank=bank_text(dims),
-                       out=out, first=SPATIAL[dims][0], ints="1 int" if dims == 1 else f"{dims} ints")
+                       out=out, first=SPATIAL[dims][0], ints="one int" if dims == 1 else f"{dims} ints")
 
 
 def dynamic_conv1d(

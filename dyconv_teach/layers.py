@@ -375,7 +375,7 @@ _LAYER_DOC = r"""{dims}-D convolution with ``num_kernels`` kernels mixed per sam
 def _layer_doc(dims: int) -> str:
     out = "[B, O, " + ", ".join(s + "'" for s in SPATIAL[dims]) + "]"
     return _LAYER_DOC.format(dims=dims, x=input_text(dims), x1=input_text(dims, batched=False), out=out,
-                             first=SPATIAL[dims][0], ints="1 int" if dims == 1 else f"{dims} ints")
+                             first=SPATIAL[dims][0], ints="one int" if dims == 1 else f"{dims} ints")
 
 
 class DynamicConv1d(_DynamicConvNd):

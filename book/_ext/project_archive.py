@@ -50,8 +50,10 @@ with CUDA libraries, several GB. The book runs on the CPU, so you can take
 the CPU build instead:
 `pip install -r requirements.txt --extra-index-url https://download.pytorch.org/whl/cpu`.
 
-Triton, which runs chapter 9's kernels, installs on Linux only: on macOS or
-Windows everything else runs, and chapter 9 runs under WSL or in a Linux container.
+Triton, which runs chapter 9's kernels, installs on Linux only: on Windows or
+macOS on Apple silicon everything else runs, and chapter 9 runs under WSL or in
+a Linux container. PyTorch publishes no builds for macOS on Intel processors:
+there, run the book in a Linux container.
 
 The layer alone, without the book's helpers: `pip install .`, then
 `from dyconv_teach import DynamicConv2d`.

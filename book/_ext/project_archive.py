@@ -51,8 +51,8 @@ the CPU build instead:
 `pip install -r requirements.txt --extra-index-url https://download.pytorch.org/whl/cpu`.
 
 Triton, which runs chapter 9's kernels, installs on Linux only: on Windows or
-macOS on Apple silicon everything else runs, and chapter 9 runs under WSL or in
-a Linux container. PyTorch publishes no builds for macOS on Intel processors:
+macOS on Apple silicon everything else runs, and chapter 9 runs under WSL (the
+Windows Subsystem for Linux) or in a Linux container. PyTorch publishes no builds for macOS on Intel processors:
 there, run the book in a Linux container.
 
 The layer alone, without the book's helpers: `pip install .`, then

@@ -49,7 +49,7 @@ __all__ = [
     "dynamic_conv1d", "dynamic_conv2d", "dynamic_conv3d", "STRATEGY_NAMES", "TensorMismatchError", "DtypeMismatchError",
 ]
 
-#: What the ``strategy`` argument of the functions here accepts: ``'auto'`` (the rule),
+#: The values the ``strategy`` argument of the functions here accepts, ``'auto'`` (the rule),
 #: ``'benchmark'`` (time the strategies once per shape, keep the fastest) or a strategy's name.
 STRATEGY_NAMES: Tuple[str, ...] = ("auto", "benchmark", *strategies.STRATEGIES)
 

@@ -193,7 +193,7 @@ class _DynamicConvNd(_Tempered, nn.Module):
 
     @property
     def bank(self) -> Tensor:
-        """The kernel bank ``Theta`` as ``(K, O, C/groups, *kernel_size)``: a view of :attr:`weight`."""
+        """The kernel bank ``Theta``, a view of :attr:`weight` shaped ``(K, O, C/groups, *kernel_size)``."""
         return self.weight.unflatten(0, (self.num_kernels, self.out_channels))
 
     def get_extra_state(self) -> Tensor:

@@ -175,7 +175,7 @@ class ODConv2d(_Tempered, nn.Module):
 
     @property
     def bank(self) -> Tensor:
-        """The kernel bank ``Theta`` as ``(K, O, C/groups, kH, kW)``: a view of :attr:`weight`."""
+        """The kernel bank ``Theta``, a view of :attr:`weight` shaped ``(K, O, C/groups, kH, kW)``."""
         return self.weight.unflatten(0, (self.num_kernels, self.out_channels))
 
     def reset_parameters(self) -> None:

@@ -9,7 +9,8 @@ autotuner would try there, for sm_90a (H100/H200) with the ptxas bundled in the 
 and prints per config: registers per thread, local memory per thread (register spills) and
 shared memory per program, read from the cubin. Exits with status 1 if a config fails to
 compile. Under Triton's interpreter nothing is compiled: run it with TRITON_INTERPRET unset.
-It uses Triton's ahead-of-time interface (``ASTSource``, ``triton.compile``), checked with triton 3.7.1 (torch 2.13's) and 3.9.
+It uses Triton's ahead-of-time interface (``ASTSource``, ``triton.compile``), checked with triton 3.7.1
+(torch 2.13's) and 3.9.
 """
 
 from __future__ import annotations

@@ -377,6 +377,11 @@ def _legend(title: str, names: Sequence[str]) -> str:
     return textwrap.fill(title + (" (" + "; ".join(keys) + ")" if keys else "") + ":", 80)
 
 
+def _cell_key(row: Cell) -> str:
+    """A row's first columns, under the heading ``C=O HxW B``."""
+    return f"{row.C:>5} {f'{row.HW}x{row.HW}':>7} {row.B:>4}"
+
+
 def format_report(rows: Sequence[Cell], noise: float = NOISE) -> str:
     """The time tables (median ratio to the static conv, +- half the interquartile range in
     percent; first the core and its strategies, then the peers and the core over the best peer
@@ -389,16 +394,15 @@ def format_report(rows: Sequence[Cell], noise: float = NOISE) -> str:
     lines = [textwrap.fill("Forward+backward time / static conv: median over rounds +- half the interquartile "
                            "range in %.", 80)]
     behind = []
-    for title, part in (("The core and its strategies", [n for n in names if n not in PEERS]),
-                        ("The peers, and core/peer = the core's median over the best peer's",
-                         [n for n in names if n in PEERS])):
-        peers = part[0] in PEERS
+    titles = {False: "The core and its strategies",
+              True: "The peers, and core/peer = the core's median over the best peer's"}
+    for peers, title in titles.items():
+        part = [n for n in names if (n in PEERS) == peers]
         lines += ["", _legend(title, part),
                   key + ("" if peers else f"{'static ms':>10}") + "".join(f"{_SHORT.get(n, n):>{w}}" for n in part)
                   + (f"{'core/peer':>{w}}" if peers else "")]
         for row in rows:
-            line = f"{row.C:>5} {f'{row.HW}x{row.HW}':>7} {row.B:>4}"
-            line += "" if peers else f"{row.seconds(BASELINE) * 1e3:>10.3f}"
+            line = _cell_key(row) + ("" if peers else f"{row.seconds(BASELINE) * 1e3:>10.3f}")
             line += "".join(f"{f'{row.ratio(n):.2f}+-{row.spread(n) * 100:.0f}':>{w}}" if n in row.times
                             else f"{'-':>{w}}" for n in part)
             if peers:
@@ -423,13 +427,11 @@ def format_report(rows: Sequence[Cell], noise: float = NOISE) -> str:
             "memory of oneDNN/MKL/cuDNN outside PyTorch's allocator is not seen), in two tables:", 80)]
         entries = [BASELINE, *names]
         half = (len(entries) + 1) // 2
-        for part in (entries[:half], entries[half:]):
-            first = part[0] == BASELINE
+        for first, part in ((True, entries[:half]), (False, entries[half:])):
             head = key + (f"{'weight':>10}" if first else "")
             lines += ["", head + "".join(f"{_SHORT.get(n, n):>{w}}" for n in part)]
             for row in rows:
-                line = f"{row.C:>5} {f'{row.HW}x{row.HW}':>7} {row.B:>4}"
-                line += f"{row.weight_bytes / mib:>10.2f}" if first else ""
+                line = _cell_key(row) + (f"{row.weight_bytes / mib:>10.2f}" if first else "")
                 lines.append(line + "".join(
                     f"{row.peak_bytes[n] / mib:>{w}.2f}" if n in row.peak_bytes else f"{'-':>{w}}" for n in part))
     return "\n".join(lines)

@@ -1,13 +1,12 @@
 """Ship the whole project with the HTML book, as ``_static/dyconv-book.zip``.
 
 A reader of the online book downloads it, installs it, and runs the chapters in
-Jupyter; everything the book points at is in it: the chapters and the measurements
-they read (``book/data``), the package and its tests, the book's configuration and
-extensions, ``tools/`` (chapter 10 tells readers with a GPU to run ``gpu_check.py``),
-``README.md`` and ``HOW_TO_RUN.md``, all under one folder ``dyconv-book/``: every
-file of the repository, and HOW_TO_RUN.md. It is written at
-the end of every HTML build from that build's sources, with fixed timestamps and
-modes and in a fixed order, so the same sources give a byte-identical archive.
+Jupyter. It holds every file of the repository (so everything the book points at: the
+chapters and the measurements they read in ``book/data``, the package and its tests, the
+book's configuration and extensions, ``tools/``, whose ``gpu_check.py`` chapter 10 tells
+readers with a GPU to run) and ``HOW_TO_RUN.md``, all under one folder ``dyconv-book/``.
+It is written at the end of every HTML build from that build's sources, with fixed
+timestamps and modes and in a fixed order, so the same sources give a byte-identical archive.
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ the CPU build instead:
 
 Triton, which runs chapter 9's kernels, installs on Linux only: on Windows or
 macOS on Apple silicon everything else runs, and chapter 9 runs under WSL (the
-Windows Subsystem for Linux) or in a Linux container. PyTorch publishes no builds for macOS on Intel processors:
-there, run the book in a Linux container.
+Windows Subsystem for Linux) or in a Linux container. PyTorch publishes no
+builds for macOS on Intel processors: there, run the book in a Linux container.
 
 The layer alone, without the book's helpers: `pip install .`, then
 `from dyconv_teach import DynamicConv2d`.

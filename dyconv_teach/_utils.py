@@ -249,8 +249,10 @@ def memory_format(x: Tensor) -> torch.memory_format:
     (ATen's ``suggest_memory_format``), which reads the strides. A ``[B, 1, H, W]`` tensor is
     contiguous both ways; its strides tell which way it was made."""
     fmt, order = _CHANNELS_LAST.get(x.dim(), (torch.contiguous_format, ()))
+    if not order or (x.is_contiguous() and not x.is_contiguous(memory_format=fmt)):
+        return torch.contiguous_format  # the common case, without reading the strides in Python
     sizes, strides = x.shape, x.stride()
-    if not order or strides[1] == 0:
+    if strides[1] == 0:
         return torch.contiguous_format
     smallest = 0
     for d in order:  # the axes from fastest to slowest in a channels_last layout

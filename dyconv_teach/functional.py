@@ -22,7 +22,7 @@ obviously correct versions that the tests compare against.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -92,10 +92,25 @@ def _autocast(tensors: Sequence[Optional[Tensor]], device_type: str) -> Sequence
     return [t.to(dtype) if t is not None and t.dtype in castable else t for t in tensors]
 
 
-def _dynamic_conv(
+class _Plan(NamedTuple):
+    """What the checks of one call found: everything that depends only on the tensors' shapes,
+    dtypes and devices and on the other arguments."""
+
+    unbatched: bool
+    pad: Optional[List[int]]  # F.pad's amounts where 'same' pads one more at the end, else None
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    groups: int
+    out_shape: Tuple[int, ...]
+    strategy: Optional[str] = None  # the strategy to run, remembered where it cannot change between calls
+
+
+def _check(
     dims: int, x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: IntOrTuple,
     padding: Padding, dilation: IntOrTuple, groups: int, strategy: str,
-) -> Tensor:
+) -> _Plan:
+    """Check every argument of a call, with errors that name the bad value; the plan of the call."""
     if strategy not in STRATEGY_NAMES:
         raise ValueError(f"strategy must be one of {STRATEGY_NAMES}, got {strategy!r}")
     if strategy in strategies.STRATEGIES and dims not in strategies.STRATEGIES[strategy].dims:
@@ -114,23 +129,72 @@ def _dynamic_conv(
                 f"got shape {tuple(attention.shape)}"
             )
         x, attention = x.unsqueeze(0), attention.unsqueeze(0)
-    x, weight, attention, bias = _autocast((x, weight, attention, bias), x.device.type)  # type: ignore[assignment]
     groups_ = positive_int("groups", groups)
     check_tensors(x, weight, attention, bias, groups_)
     stride_, padding_, dilation_ = check_conv_args(
         dims, x.shape[1], weight.shape[1], groups_, stride, padding, dilation
     )
     before, after = explicit_padding(padding_, weight.shape[3:], dilation_)
+    pad = None
     if before != after:  # 'same' with an even dilated kernel: F.conv2d pads one more at the end
-        x = F.pad(x, [p for b, a in zip(reversed(before), reversed(after)) for p in (0, a - b)])
+        pad = [p for b, a in zip(reversed(before), reversed(after)) for p in (0, a - b)]
+        x = F.pad(x, pad)
     out_shape = check_output_shape(x, weight, stride_, before, dilation_)
-    name = _strategy(strategy, x, weight, attention, bias, stride_, before, dilation_, groups_, out_shape)
+    return _Plan(unbatched, pad, stride_, before, dilation_, groups_, out_shape)
+
+
+#: The plans of recent calls, by what they depend on: a call like an earlier one skips the checks,
+#: whose Python costs as much as the convolution of a small layer. Cleared when full.
+_PLANS: Dict[Tuple[object, ...], _Plan] = {}
+_MAX_PLANS = 256
+
+
+def _plan_key(
+    dims: int, x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: IntOrTuple,
+    padding: Padding, dilation: IntOrTuple, groups: int, strategy: str,
+) -> Optional[Tuple[object, ...]]:
+    """The key of a call's plan in :data:`_PLANS`; ``None`` while a graph is recorded (its sizes
+    may be symbolic, and a graph runs the checks once anyway)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    # repr, not the values: 1 == 1.0 == True as keys, and only the int is valid.
+    return (dims, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, attention.shape,
+            attention.dtype, attention.device, None if bias is None else (bias.shape, bias.dtype, bias.device),
+            repr((stride, padding, dilation, groups, strategy)))
+
+
+def _dynamic_conv(
+    dims: int, x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: IntOrTuple,
+    padding: Padding, dilation: IntOrTuple, groups: int, strategy: str,
+) -> Tensor:
+    if torch._C._is_any_autocast_enabled():  # one test for every device type, cheaper than one per call
+        x, weight, attention, bias = _autocast((x, weight, attention, bias), x.device.type)  # type: ignore[assignment]
+    args = (dims, x, weight, attention, bias, stride, padding, dilation, groups, strategy)
+    key = _plan_key(*args)
+    try:
+        plan = None if key is None else _PLANS.get(key)
+    except TypeError:  # an unhashable size: a symbolic one, of a graph recorded outside torch.compile
+        key = plan = None
+    new = plan is None
+    if plan is None:
+        plan = _check(*args)
+    if plan.unbatched:
+        x, attention = x.unsqueeze(0), attention.unsqueeze(0)
+    if plan.pad is not None:
+        x = F.pad(x, plan.pad)
+    stride_, before, dilation_, groups_ = plan.stride, plan.padding, plan.dilation, plan.groups
+    name = plan.strategy or _strategy(strategy, x, weight, attention, bias, stride_, before, dilation_, groups_,
+                                      plan.out_shape)
+    if new and key is not None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan._replace(strategy=None if strategy == "benchmark" else name)  # benchmark: per thread count
     if name == _TRACED:
         out = _scripted_batch_as_groups()(x, weight, attention, bias, list(stride_), list(before), list(dilation_),
                                           groups_)
     else:
         out = strategies.STRATEGIES[name].run(x, weight, attention, bias, stride_, before, dilation_, groups_)
-    return out.squeeze(0) if unbatched else out
+    return out.squeeze(0) if plan.unbatched else out
 
 
 _DOC = r"""Convolve each sample with its own attention-weighted mixture of K kernels ({dims}-D).

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dyconv_teach import strategies
+from dyconv_teach import functional, strategies
 from dyconv_teach._utils import Padding, balanced_orders
 from dyconv_teach.functional import STRATEGY_NAMES, dynamic_conv1d, dynamic_conv2d, dynamic_conv3d
 from dyconv_teach.reference import kernel_sum_conv, per_sample_conv
@@ -518,6 +518,34 @@ BAD_ARGS: dict[str, Tuple[dict[str, Any], type, str]] = {
 def test_bad_arguments_raise_our_error(change: dict[str, Any], error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         dynamic_conv2d(**{**valid_args(), **change})
+
+
+# Bad arguments equal, as dictionary keys, to valid ones (2.0 == 2, True == 1), or tensors that differ
+# from valid ones only in dtype or batch.
+LIKE_VALID: dict[str, Tuple[dict[str, Any], type]] = {
+    "groups 2.0": ({"groups": 2.0}, ValueError),
+    "stride True": ({"stride": True}, ValueError),
+    "padding (1.0, 1)": ({"padding": (1.0, 1)}, ValueError),
+    "float64 x": ({"x": valid_args()["x"].double()}, TypeError),
+    "attention of another batch": ({"attention": valid_args()["attention"][:1]}, ValueError),
+}
+
+
+@pytest.mark.parametrize("change, error", LIKE_VALID.values(), ids=LIKE_VALID.keys())
+def test_checks_are_not_skipped_for_a_call_like_a_valid_one(change: dict[str, Any], error: type) -> None:
+    """A call with the shapes, dtypes, devices and arguments of an earlier one reuses its checked
+    plan; one that differs from it in any of them, however little, is checked afresh."""
+    args = {**valid_args(), "stride": 1, "padding": (1, 1)}
+    dynamic_conv2d(**args)
+    with pytest.raises(error):
+        dynamic_conv2d(**{**args, **change})
+
+
+def test_remembered_plans_are_bounded() -> None:
+    weight, attention = torch.randn(2, 2, 2, 1), torch.randn(1, 2)
+    for length in range(1, 1 + 2 * functional._MAX_PLANS):  # as many input shapes
+        dynamic_conv1d(torch.randn(1, 2, length), weight, attention)
+    assert 0 < len(functional._PLANS) <= functional._MAX_PLANS
 
 
 # The same checks speak each dimension's language: (function, change, regex).

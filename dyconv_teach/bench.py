@@ -156,6 +156,8 @@ SWEEP_BATCHES: Dict[str, Tuple[int, ...]] = {"cpu": (1, 32), "cuda": (1, 32, 128
 #: A tiny sweep for smoke tests.
 QUICK_CELLS: Tuple[Tuple[int, int], ...] = ((8, 8),)
 QUICK_BATCHES: Tuple[int, ...] = (1, 4)
+#: Seconds of balanced designs per cell by default on the command line (``--seconds``).
+SECONDS = 3.0
 #: A gap smaller than this (10%) between two entries is within what repeated runs of the same
 #: code move on the machines measured; the report flags the core only past it.
 NOISE = 0.10
@@ -208,14 +210,17 @@ def time_rounds(
     args: Sequence[Tensor],
     rounds: Optional[int] = None,
     timer: Callable[[], float] = time.perf_counter,
+    seconds: float = 0.0,
     **conv: Unpack[ConvOptions],
 ) -> Dict[str, List[float]]:
     """Seconds of one forward+backward of each entry of ``fns`` in each of ``rounds`` rounds.
 
     One untimed pass of each first (oneDNN and cuDNN choose their kernels on the first call of
-    a shape); then round ``r`` runs the entries in the ``r``-th order of a Williams design
-    (``rounds`` defaults to one whole design: as many rounds as entries, twice that for an odd
-    number). Python's garbage collector is off while they run, as ``timeit`` turns it off.
+    a shape); then round ``r`` runs the entries in the ``r``-th order of a Williams design.
+    ``rounds`` defaults to whole designs (as many rounds as entries, twice that for an odd
+    number), one after another until ``seconds`` of wall clock have passed, and at least one:
+    small layers, whose times scatter most, get the most rounds.
+    Python's garbage collector is off while they run, as ``timeit`` turns it off.
     Gradients are cleared before each pass and backward starts from
     ``ones_like(out)``. ``timer`` is wall clock by default; ``time.process_time`` counts this
     process's CPU seconds instead (all threads, spinning included). On a GPU each interval is
@@ -224,21 +229,29 @@ def time_rounds(
     names = list(fns)
     orders = balanced_orders(len(names))
     collect = gc.isenabled()
-    rounds = len(orders) if rounds is None else rounds
-    if rounds < 1:
+    if rounds is not None and rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     for name in names:
         _forward_backward(fns[name], args, conv)
     times: Dict[str, List[float]] = {name: [] for name in names}
+    begin = time.perf_counter()
+
+    def more(r: int) -> bool:
+        if rounds is not None:
+            return r < rounds
+        return r == 0 or r % len(orders) != 0 or time.perf_counter() - begin < seconds
+
     gc.disable()  # as timeit does: a collection in the middle of one entry's pass is not its cost
     try:
-        for r in range(rounds):
+        r = 0
+        while more(r):
             for name in (names[i] for i in orders[r % len(orders)]):
                 _synchronize(args)
                 start = timer()
                 _forward_backward(fns[name], args, conv)
                 _synchronize(args)
                 times[name].append(timer() - start)
+            r += 1
     finally:
         if collect:
             gc.enable()
@@ -338,14 +351,16 @@ def run_sweep(
     rounds: Optional[int] = None,
     num_kernels: int = 4,
     timer: Callable[[], float] = time.perf_counter,
+    seconds: float = 0.0,
     memory: bool = True,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
 ) -> List[Cell]:
     """Time (and optionally profile the memory of) every entry in every cell, by
-    :func:`time_rounds`. The Python loops (the peers' per-sample loop, the ``per_sample``
-    strategy) are left out past 32 samples, where they would time Python."""
+    :func:`time_rounds` (``rounds``, ``timer`` and ``seconds`` per cell). The Python loops (the
+    peers' per-sample loop, the ``per_sample`` strategy) are left out past 32 samples, where
+    they would time Python."""
     strategies = strategies_for(device) if strategies is None else strategies
     rows: List[Cell] = []
     for channels, size in cells:
@@ -353,7 +368,7 @@ def run_sweep(
             args = make_inputs(batch, channels, size, num_kernels, dtype=dtype, device=device,
                                channels_last=channels_last)
             fns = {n: fn for n, fn in strategies.items() if not (n in _LOOPS and batch > 32)}
-            times = time_rounds(fns, args, rounds, timer, padding=1)
+            times = time_rounds(fns, args, rounds, timer, seconds, padding=1)
             peaks = {n: peak_memory_forward_backward(fns[n], *args, padding=1) for n in fns} if memory else {}
             rows.append(Cell(channels, size, batch, times, mixed_weight_bytes(batch, args[1]), peaks))
     return rows
@@ -450,12 +465,14 @@ def _cpu_name() -> str:
 
 
 def machine_description(device: str = "cpu") -> str:
-    """Where timings are taken: processor, cores, OS, torch version, threads and oneDNN
+    """Where timings are taken: processor, cores, OS, torch version, threads, oneDNN and the
+    vector instructions ATen's kernels use (``DEFAULT`` under ``ATEN_CPU_CAPABILITY=default``)
     (and the GPU, for ``device='cuda'``)."""
     text = (
         f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}\n"
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"oneDNN available: {torch.backends.mkldnn.is_available()}"
+        f"oneDNN available: {torch.backends.mkldnn.is_available()}, "
+        f"ATen CPU capability: {torch.backends.cpu.get_cpu_capability()}"
     )
     if device == "cuda":
         cudnn = torch.backends.cudnn.version()
@@ -573,7 +590,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed rounds per cell, each running every entry once; the median is kept (default: "
-                             "one balanced design, as many rounds as entries)")
+                             "balanced designs of as many rounds as entries, for --seconds)")
+    parser.add_argument("--seconds", type=float, default=SECONDS,
+                        help=f"without --rounds, time each cell in whole designs for about this long, at least one "
+                             f"(default {SECONDS:g})")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny sweep (C=8, 8x8, B in {1, 4}) that runs in seconds")
     parser.add_argument(
@@ -590,6 +610,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.seconds < 0:
+        parser.error(f"--seconds must be >= 0, got {args.seconds}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.device == "cuda" and args.cpu_time:
@@ -599,14 +621,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.backends.cudnn.benchmark = True
     dtype = getattr(torch, args.dtype)
     print(machine_description(args.device))
-    rounds = args.rounds or "balanced"
-    print(f"clock: {'process CPU time' if args.cpu_time else 'wall'}; {rounds} rounds, K=4, 3x3 kernel, "
+    rounds = f"{args.rounds} balanced rounds" if args.rounds else f"balanced rounds for {args.seconds:g} s per cell"
+    print(f"clock: {'process CPU time' if args.cpu_time else 'wall'}; {rounds}, K=4, 3x3 kernel, "
           f"padding 1, {args.dtype}{', channels_last' if args.channels_last else ''}, on {args.device}")
     rows = run_sweep(
         QUICK_CELLS if args.quick else SWEEP_CELLS,
         QUICK_BATCHES if args.quick else SWEEP_BATCHES[args.device],
         rounds=args.rounds,
         timer=time.process_time if args.cpu_time else time.perf_counter,
+        seconds=args.seconds,
         memory=not args.no_memory,
         device=args.device,
         dtype=dtype,

@@ -5,6 +5,7 @@ themselves are tested in tests/test_functional.py. No test asserts a time.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -64,6 +65,20 @@ def test_time_rounds_balances_who_runs_after_whom() -> None:
         bench.time_rounds(fns, [torch.ones(2)], rounds=0)
 
 
+def test_time_rounds_fills_its_seconds_with_whole_designs() -> None:
+    """Without ``rounds``, whole designs run one after another until ``seconds`` have passed."""
+
+    def entry(x: torch.Tensor, **conv: Any) -> torch.Tensor:
+        time.sleep(0.002)
+        return x.sum()
+
+    fns = {name: entry for name in "abc"}  # a design: 6 rounds of 3 entries, some 36 ms
+    times = bench.time_rounds(fns, [torch.ones(2, requires_grad=True)], seconds=0.1)
+    rounds = {len(t) for t in times.values()}
+    assert len(rounds) == 1
+    assert rounds.pop() in (18, 24)  # past 0.1 s after three designs (four on a slow sleep)
+
+
 def test_time_and_memory_helpers() -> None:
     """The timer returns a positive number of seconds; the measured peak holds at least the
     per-sample weight the trick builds."""
@@ -113,7 +128,9 @@ def test_main_quick_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 @pytest.mark.parametrize(
-    "argv, message", [(["--threads", "0"], "--threads must be >= 1"), (["--rounds", "0"], "--rounds must be >= 1")]
+    "argv, message",
+    [(["--threads", "0"], "--threads must be >= 1"), (["--rounds", "0"], "--rounds must be >= 1"),
+     (["--seconds", "-1"], "--seconds must be >= 0")],
 )
 def test_main_rejects_bad_options(argv: list, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Bad option values stop argparse with a message naming the value."""

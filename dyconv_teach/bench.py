@@ -339,6 +339,10 @@ class Cell:
         q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
         return (q3 - q1) / 2 / self.ratio(name, to)
 
+    def shown(self, name: str, to: str = BASELINE) -> str:
+        """:meth:`ratio` and :meth:`spread` as the report prints them: ``1.23+-4``."""
+        return f"{self.ratio(name, to):.2f}+-{self.spread(name, to) * 100:.0f}"
+
     def best_peer(self) -> str:
         """The peer with the smallest median ratio in this cell."""
         return min((n for n in PEERS if n in self.times), key=self.ratio)
@@ -418,7 +422,7 @@ def format_report(rows: Sequence[Cell], noise: float = NOISE) -> str:
                   + (f"{'core/peer':>{w}}" if peers else "")]
         for row in rows:
             line = _cell_key(row) + ("" if peers else f"{row.seconds(BASELINE) * 1e3:>10.3f}")
-            line += "".join(f"{f'{row.ratio(n):.2f}+-{row.spread(n) * 100:.0f}':>{w}}" if n in row.times
+            line += "".join(f"{row.shown(n):>{w}}" if n in row.times
                             else f"{'-':>{w}}" for n in part)
             if peers:
                 core_vs_peer = row.ratio(CORE) / row.ratio(row.best_peer())

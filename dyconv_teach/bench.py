@@ -340,8 +340,9 @@ class Cell:
         return (q3 - q1) / 2 / self.ratio(name, to)
 
     def shown(self, name: str, to: str = BASELINE) -> str:
-        """:meth:`ratio` and :meth:`spread` as the report prints them: ``1.23+-4``."""
-        return f"{self.ratio(name, to):.2f}+-{self.spread(name, to) * 100:.0f}"
+        """:meth:`ratio` and :meth:`spread` as the report prints them, ``1.23+-4`` (the spread padded
+        to two digits, so that right-aligned columns keep their decimal points in line)."""
+        return f"{self.ratio(name, to):.2f}+-{self.spread(name, to) * 100:<2.0f}"
 
     def best_peer(self) -> str:
         """The peer with the smallest median ratio in this cell."""
@@ -429,7 +430,7 @@ def format_report(rows: Sequence[Cell], noise: float = NOISE) -> str:
                 if core_vs_peer > 1 + noise:
                     behind.append(f"{row.label} ({core_vs_peer:.2f}x {row.best_peer()})")
                 line += f"{core_vs_peer:>{w}.2f}"
-            lines.append(line)
+            lines.append(line.rstrip())
         geo = [f"{_geomean([r.ratio(n) for r in rows]):>{w}.2f}" if all(n in r.times for r in rows)
                else f"{'-':>{w}}" for n in part]
         lines.append(f"{'geomean':>{len(key) + (0 if peers else 10)}}" + "".join(geo))

@@ -541,6 +541,29 @@ def test_checks_are_not_skipped_for_a_call_like_a_valid_one(change: dict[str, An
         dynamic_conv2d(**{**args, **change})
 
 
+@pytest.mark.parametrize("strategy, choices", [("auto", 1), ("benchmark", 2)])
+def test_a_call_like_an_earlier_one_skips_the_checks(monkeypatch: pytest.MonkeyPatch, strategy: str,
+                                                     choices: int) -> None:
+    """The second of two like calls neither checks its arguments again nor, unless it times the
+    strategies (whose choice depends on the thread count too), chooses its strategy again."""
+    counts = {"_check": 0, "_strategy": 0}
+    for name in counts:
+        real = getattr(functional, name)
+
+        def counted(*args: Any, real: Callable[..., Any] = real, name: str = name) -> Any:
+            counts[name] += 1
+            return real(*args)
+
+        monkeypatch.setattr(functional, name, counted)
+    monkeypatch.setattr(functional, "_PLANS", {})
+    args = valid_args()
+    for _ in range(2):
+        dynamic_conv2d(**args, strategy=strategy)
+    assert counts == {"_check": 1, "_strategy": choices}
+    dynamic_conv2d(**{**args, "stride": 2}, strategy=strategy)
+    assert counts["_check"] == 2
+
+
 def test_remembered_plans_are_bounded() -> None:
     weight, attention = torch.randn(2, 2, 2, 1), torch.randn(1, 2)
     for length in range(1, 1 + 2 * functional._MAX_PLANS):  # as many input shapes

@@ -11,9 +11,10 @@ serves 1, 2 and 3 spatial dimensions, as torch's ``_ConvNd`` does.
 Graphs that must serve every batch size replace the choice by what they can hold.
 ``torch.compile`` runs batch-as-groups as one custom operator where the rule picks it.
 ``torch.jit.trace`` records batch-as-groups as a call of a TorchScript function, which computes
-``groups = B*g`` when the graph runs. ``torch.export`` with a symbolic batch, and the ONNX
-exporters (ONNX's ``Conv`` has a fixed ``group``), record the K-branch sum: standard operators
-with fixed attributes, at K times the multiply-adds of the convolution.
+``groups = B*g`` when the graph runs. ``torch.export`` with a symbolic batch (in strict mode, with
+any batch: its tracer cannot tell a symbolic size from an int), and the ONNX exporters (ONNX's
+``Conv`` has a fixed ``group``), record the K-branch sum: standard operators with fixed
+attributes, at K times the multiply-adds of the convolution.
 
 Nothing here is teaching code: :mod:`dyconv_teach.reference` holds the slow,
 obviously correct versions that the tests compare against.
@@ -66,7 +67,9 @@ def _strategy(
         return name
     if torch.jit.is_tracing():  # the traced graph must serve every batch size
         return "kernel_branches" if torch.onnx.is_in_onnx_export() else _TRACED
-    if torch.compiler.is_exporting() and isinstance(x.shape[0], torch.SymInt):
+    # A symbolic batch under torch.export. Strict export traces with dynamo, to which a symbolic size
+    # passes for an int, so there every exported batch counts as symbolic.
+    if torch.compiler.is_exporting() and (torch.compiler.is_dynamo_compiling() or isinstance(x.shape[0], torch.SymInt)):
         return "kernel_branches"
     if name == "benchmark" and not torch.compiler.is_compiling():
         return strategies.benchmark(x, weight, attention, bias, stride, padding, dilation, groups)

@@ -124,11 +124,17 @@ def test_compile_with_inductor_serves_every_batch_size() -> None:
     assert counts == [counts[0]] * 4, counts
 
 
-def test_export_with_an_unbounded_batch_dimension() -> None:
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_with_an_unbounded_batch_dimension(strict: bool) -> None:
+    """Exported with a symbolic batch (by torch's default tracer, or strictly by dynamo's), the
+    program holds the K-branch sum: convolutions whose ``groups`` is a number, not the batch."""
     from torch.export import Dim, export
 
     net = model(DynamicConv2d)
-    program = export(net, (batch(4),), dynamic_shapes=({0: Dim("batch")},))
+    program = export(net, (batch(4),), dynamic_shapes=({0: Dim("batch")},), strict=strict)
+    convs = [n for n in program.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    groups = [n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1) for n in convs]  # conv2d's 7th argument
+    assert convs and all(type(g) is int for g in groups), groups
     for B in (1, 3, 33):
         torch.testing.assert_close(program.module()(batch(B)), net(batch(B)), rtol=1e-4, atol=1e-5)
 

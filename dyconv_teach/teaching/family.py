@@ -253,7 +253,7 @@ def mix_kernels(variant: str, layer: FamilyLayer, x: Tensor) -> Mixed:
                  Step("Phi(x), with I and BatchNorm", "[B, L, L]", _shape(fusion)),
                  Step("P (1 x 1 convolution p)", "[O, L]", _shape(p)),
                  Step("P Phi(x) Q^T", "[B, O, C]", _shape(dynamic)),
-                 Step("kernels Lambda Theta_s + P Phi Q^T (centre)", "[B, O, C/g, k, k]", _shape(kernels)),
+                 Step("kernels Lambda Theta_s + P Phi Q^T", "[B, O, C/g, k, k]", _shape(kernels)),
                  Step("bias from the BatchNorms' shifts", "[B, O]", _shape(bias)))
         return Mixed(kernels, bias, steps)
     raise TypeError(f"not a layer of the family: {type(layer).__name__}")

@@ -205,7 +205,8 @@ _FAMILY_NOTES = {
               "spatial attention cannot; the kernel attention could only as the K-branch sum, at K times the "
               "convolutions.{k1}",
     "DCD": "K = {K} plays no role: DCD has no bank of K kernels. It keeps one static kernel Theta_s and fuses "
-           "channels in a latent space of L = floor(sqrt(4*C)) = {L} dimensions.",
+           "channels in a latent space of L = floor(sqrt(4*C)) = {L} dimensions. P Phi Q^T is a 1 x 1 kernel: "
+           "it is added at the centre tap of each k x k kernel.",
 }
 
 

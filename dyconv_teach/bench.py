@@ -75,6 +75,7 @@ __all__ = [
     "run_sweep",
     "format_report",
     "machine_description",
+    "TIMING_VARIABLES",
     "resnet18",
     "time_train_step",
     "main",
@@ -469,16 +470,27 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+#: Environment variables that change what a timing measures (kernels, threads, the memory
+#: allocator); :func:`machine_description` names those that are set.
+TIMING_VARIABLES: Tuple[str, ...] = (
+    "OMP_NUM_THREADS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "GLIBC_TUNABLES",
+    "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE",
+)
+
+
 def machine_description(device: str = "cpu") -> str:
     """Where timings are taken: processor, cores, OS, torch version, threads, oneDNN and the
-    vector instructions ATen's kernels use (``DEFAULT`` under ``ATEN_CPU_CAPABILITY=default``)
-    (and the GPU, for ``device='cuda'``)."""
+    vector instructions ATen's kernels use (``DEFAULT`` under ``ATEN_CPU_CAPABILITY=default``),
+    the :data:`TIMING_VARIABLES` that are set (and the GPU, for ``device='cuda'``)."""
     text = (
         f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}\n"
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"oneDNN available: {torch.backends.mkldnn.is_available()}, "
         f"ATen CPU capability: {torch.backends.cpu.get_cpu_capability()}"
     )
+    settings = [f"{name}={os.environ[name]}" for name in TIMING_VARIABLES if name in os.environ]
+    if settings:
+        text += "\nset: " + " ".join(settings)
     if device == "cuda":
         cudnn = torch.backends.cudnn.version()
         text += f"\nGPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {cudnn}"

@@ -88,6 +88,17 @@ def test_time_and_memory_helpers() -> None:
     assert peak >= mixed_weight_bytes(4, args[1])
 
 
+def test_machine_description_names_the_variables_that_change_timings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stored run says which kernels and allocator settings it ran under, and only those set."""
+    for name in bench.TIMING_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert "set:" not in bench.machine_description()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    last = bench.machine_description().splitlines()[-1]
+    assert last == "set: ONEDNN_MAX_CPU_ISA=SSE41 GLIBC_TUNABLES=glibc.malloc.mmap_max=0"
+
+
 def test_main_quick_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> None:
     """``--quick`` prints the header, one row per cell with a ratio and spread per entry and the
     core over the best peer, the geometric means, the cells where the core is behind, and the

@@ -74,6 +74,7 @@ __all__ = [
     "strategies_for",
     "run_sweep",
     "format_report",
+    "read_report",
     "machine_description",
     "TIMING_VARIABLES",
     "resnet18",
@@ -456,6 +457,27 @@ def format_report(rows: Sequence[Cell], noise: float = NOISE) -> str:
                 lines.append(line + "".join(
                     f"{row.peak_bytes[n] / mib:>{w}.2f}" if n in row.peak_bytes else f"{'-':>{w}}" for n in part))
     return "\n".join(lines)
+
+
+def read_report(text: str) -> Dict[Tuple[int, int, int], Dict[str, float]]:
+    """The first time table of a report by :func:`format_report` (what ``python -m
+    dyconv_teach.bench`` prints, as the runs stored in the book's ``book/data``), read back:
+    ``{(C, H, B): {column: median time / static conv}}`` by the table's short column names
+    (``core``, ``groups``, ``K-branch``, ``per-sample``, ...); an entry the cell did not run is left out."""
+    lines = text.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["C=O"])
+    except StopIteration:
+        raise ValueError("no time table (a line starting with 'C=O') in the text") from None
+    columns = lines[start].split()[5:]  # after C=O, HxW, B and "static ms"
+    cells: Dict[Tuple[int, int, int], Dict[str, float]] = {}
+    for line in lines[start + 1:]:
+        parts = line.split()
+        if not parts or not parts[0].isdigit():
+            break
+        C, H, B = int(parts[0]), int(parts[1].split("x")[0]), int(parts[2])
+        cells[C, H, B] = {c: float(p.split("+-")[0]) for c, p in zip(columns, parts[4:]) if p != "-"}
+    return cells
 
 
 def _cpu_name() -> str:

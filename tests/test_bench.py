@@ -180,6 +180,19 @@ def test_format_report_verdicts() -> None:
     assert "slower than the best peer: none" in bench.format_report([row(1, 1.05, 1.0)])  # 5%: within the noise
 
 
+def test_read_report_reads_back_the_core_table() -> None:
+    """The core's table of a printed report reads back as the ratios it shows (to its two
+    decimals), by short column name; an entry not run in a cell is left out; text without a
+    table is an error that says so."""
+    names = [bench.BASELINE, bench.CORE, "batch_as_groups", "grouped trick"]
+    rows = [bench.Cell(32, 8, 1, {n: [1e-3 * (1 + i / 7)] * 3 for i, n in enumerate(names)}, 0),
+            bench.Cell(64, 4, 2, {n: [2e-3 * (1 + i / 3)] * 3 for i, n in enumerate(names) if i != 2}, 0)]
+    got = bench.read_report(bench.format_report(rows))
+    assert got == {(32, 8, 1): {"core": 1.14, "groups": 1.29}, (64, 4, 2): {"core": 1.33}}
+    with pytest.raises(ValueError, match="no time table"):
+        bench.read_report("machine: somewhere\n")
+
+
 def test_format_report_marks_entries_not_run() -> None:
     """An entry skipped in a cell (the per-sample loops past B = 32) shows '-' and has no geomean."""
     times = {bench.BASELINE: [1.0], bench.CORE: [1.2], "batch_as_groups": [1.2], "per-sample loop": [2.0],

@@ -86,11 +86,17 @@ __all__ = [
 def static_conv2d(
     x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor] = None, **conv: Unpack[ConvOptions]
 ) -> Tensor:
-    """The baseline: one ordinary ``F.conv2d`` with the first kernel of the bank.
+    """The baseline: one ordinary ``F.conv2d`` with the first kernel of the bank as a kernel of its
+    own, as a static layer has it.
 
-    Same shapes and arguments as the dynamic versions; ``attention`` is ignored.
+    Same shapes and arguments as the dynamic versions; ``attention`` is ignored. The kernel and
+    bias are detached leaves, so backward writes a gradient of one kernel, ``[O, C/g, k, k]``, and
+    leaves the bank's alone: indexing the bank instead (``weight[0]``) would make backward write a
+    zero-filled gradient of all K kernels, a cost no static layer has, on the baseline's side of
+    every ratio.
     """
-    return F.conv2d(x, weight[0], None if bias is None else bias[0], **conv)  # type: ignore[arg-type]
+    kernel = weight[0].detach().requires_grad_()
+    return F.conv2d(x, kernel, None if bias is None else bias[0].detach().requires_grad_(), **conv)  # type: ignore[arg-type]
 
 
 def grouped_trick_conv2d(
@@ -413,8 +419,8 @@ def format_report(rows: Sequence[Cell], noise: float = NOISE) -> str:
     names = list(dict.fromkeys(n for row in rows for n in row.times))[1:]
     w = 11
     key = f"{'C=O':>5} {'HxW':>7} {'B':>4}"
-    lines = [textwrap.fill("Forward+backward time / static conv: median over rounds +- half the interquartile "
-                           "range in %.", 80)]
+    lines = [textwrap.fill("Forward+backward time / static conv (F.conv2d with a kernel of its own): median over "
+                           "rounds +- half the interquartile range in %.", 80)]
     behind = []
     titles = {False: "The core and its strategies",
               True: "The peers, and core/peer = the core's median over the best peer's"}

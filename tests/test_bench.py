@@ -42,6 +42,17 @@ def test_strategies_table_shares_the_signature() -> None:
         torch.testing.assert_close(fn(x, grouped, attention, None, stride=2, groups=2), expected, msg=name)
 
 
+def test_static_baseline_is_a_layer_of_its_own() -> None:
+    """The baseline computes F.conv2d with the bank's first kernel and bias, and its backward gives
+    the input a gradient but writes none into the bank: a static layer has one kernel, and a
+    zero-filled gradient of all K kernels (what indexing the bank costs) is not its cost."""
+    x, weight, attention, bias = bench.make_inputs(batch=2, channels=4, size=5, dtype=torch.float64)
+    out = bench.static_conv2d(x, weight, attention, bias, padding=1)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, weight[0], bias[0], padding=1))
+    out.sum().backward()
+    assert x.grad is not None and weight.grad is None and bias.grad is None and attention.grad is None
+
+
 def test_time_rounds_balances_who_runs_after_whom() -> None:
     """Each round runs every entry once, in the orders of a Williams design: over one design every
     entry runs right after every other one equally often (the call after another pays, or

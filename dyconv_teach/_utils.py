@@ -187,15 +187,19 @@ def output_shape(
 
 
 def check_output_shape(
-    x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+    spatial: Sequence[int], weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
 ) -> Tuple[int, ...]:
-    """:func:`output_shape`, with a clear error where the kernel does not fit the padded input."""
-    shape = output_shape(x, weight, stride, padding, dilation)
+    """The spatial output size of an input of spatial size ``spatial`` (e.g. ``(H, W)``) convolved
+    with a bank ``[K, O, C/g, *kernel]``, with a clear error where the kernel does not fit the
+    padded input."""
+    shape = tuple(
+        output_size(size, k, s, p, d) for size, k, s, p, d in zip(spatial, weight.shape[3:], stride, padding, dilation)
+    )
     if min(shape) < 1:
         names = ", ".join(s + "'" for s in SPATIAL[len(shape)])
         raise TensorMismatchError(
             f"output size ({names}) = {shape} < 1: the kernel {tuple(weight.shape[3:])} with "
-            f"dilation={tuple(dilation)} does not fit the input {tuple(x.shape[2:])} padded by {tuple(padding)}"
+            f"dilation={tuple(dilation)} does not fit the input {tuple(spatial)} padded by {tuple(padding)}"
         )
     return shape
 

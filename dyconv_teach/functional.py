@@ -139,10 +139,11 @@ def _check(
     )
     before, after = explicit_padding(padding_, weight.shape[3:], dilation_)
     pad = None
+    spatial = tuple(x.shape[2:])
     if before != after:  # 'same' with an even dilated kernel: F.conv2d pads one more at the end
         pad = [p for b, a in zip(reversed(before), reversed(after)) for p in (0, a - b)]
-        x = F.pad(x, pad)
-    out_shape = check_output_shape(x, weight, stride_, before, dilation_)
+        spatial = tuple(n + a - b for n, b, a in zip(spatial, before, after))
+    out_shape = check_output_shape(spatial, weight, stride_, before, dilation_)
     return _Plan(unbatched, pad, stride_, before, dilation_, groups_, out_shape)
 
 

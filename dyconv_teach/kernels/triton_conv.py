@@ -569,7 +569,7 @@ def _check(
         raise ValueError(f"weight {tuple(weight.shape)} must have every dimension >= 1")
     B, C, H, W = x.shape
     K, O, CG, KH, KW = weight.shape
-    OH, OW = check_output_shape(x, weight, stride_, padding_, dilation_)
+    OH, OW = check_output_shape((H, W), weight, stride_, padding_, dilation_)
     return _Conv(B, C, H, W, K, O, CG, O // groups, KH, KW, OH, OW, stride_, padding_, dilation_, groups)  # type: ignore[arg-type]
 
 

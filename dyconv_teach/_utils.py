@@ -176,25 +176,21 @@ def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation
 
 
 def output_shape(
-    x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+    spatial: Sequence[int], weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
 ) -> Tuple[int, ...]:
-    """The spatial output size, e.g. ``(H', W')``, of ``x`` ``[B, C, *spatial]`` convolved with a
-    bank ``[K, O, C/g, *kernel]`` (symbolic sizes stay symbolic: nothing is checked)."""
+    """The spatial output size, e.g. ``(H', W')``, of an input of spatial size ``spatial``
+    (e.g. ``(H, W)``) convolved with a bank ``[K, O, C/g, *kernel]`` (symbolic sizes stay
+    symbolic: nothing is checked)."""
     return tuple(
-        output_size(size, k, s, p, d)
-        for size, k, s, p, d in zip(x.shape[2:], weight.shape[3:], stride, padding, dilation)
+        output_size(size, k, s, p, d) for size, k, s, p, d in zip(spatial, weight.shape[3:], stride, padding, dilation)
     )
 
 
 def check_output_shape(
     spatial: Sequence[int], weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
 ) -> Tuple[int, ...]:
-    """The spatial output size of an input of spatial size ``spatial`` (e.g. ``(H, W)``) convolved
-    with a bank ``[K, O, C/g, *kernel]``, with a clear error where the kernel does not fit the
-    padded input."""
-    shape = tuple(
-        output_size(size, k, s, p, d) for size, k, s, p, d in zip(spatial, weight.shape[3:], stride, padding, dilation)
-    )
+    """:func:`output_shape`, with a clear error where the kernel does not fit the padded input."""
+    shape = output_shape(spatial, weight, stride, padding, dilation)
     if min(shape) < 1:
         names = ", ".join(s + "'" for s in SPATIAL[len(shape)])
         raise TensorMismatchError(

@@ -112,7 +112,7 @@ def _batch_as_groups_op(
 @_batch_as_groups_op.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
     # weight [B, O, C/g, *kernel] has its kernel where a bank [K, O, C/g, *kernel] has it.
-    out = output_shape(x, weight, stride, padding, dilation)
+    out = output_shape(x.shape[2:], weight, stride, padding, dilation)
     return x.new_empty(x.shape[0], weight.shape[1], *out).contiguous(memory_format=memory_format(x))
 
 

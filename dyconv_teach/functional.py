@@ -73,7 +73,8 @@ def _strategy(
         return "kernel_branches"
     if name == "benchmark" and not torch.compiler.is_compiling():
         return strategies.benchmark(x, weight, attention, bias, stride, padding, dilation, groups)
-    return strategies.choose(x.device.type, x.shape[0], weight, out_shape)
+    fused = "fused" in strategies.STRATEGIES and strategies.runs("fused", x)
+    return strategies.choose(x.device.type, x.shape[0], weight, out_shape, fused)
 
 
 #: What ``torch.jit.trace`` records instead of a strategy: batch-as-groups compiled by TorchScript.
@@ -193,6 +194,8 @@ def _dynamic_conv(
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan._replace(strategy=None if strategy == "benchmark" else name)  # benchmark: per thread count
+    if name == "fused" and strategy in ("auto", "benchmark") and not strategies.eager():
+        name = "kernel_branches"  # the plan was made in eager mode; a transform or mode watches this call
     if name == _TRACED:
         out = _scripted_batch_as_groups()(x, weight, attention, bias, list(stride_), list(before), list(dilation_),
                                           groups_)

@@ -19,9 +19,10 @@ for any per-sample kernels ``[B, O, C/g, *kernel]``, however they were built.
   the K outputs per sample (linearity, the book's chapter 4). K times the
   multiply-adds, but no per-sample weights, and no ``groups`` that depends on the batch.
 - ``per_sample``: mix the kernels, then one ordinary convolution per sample.
-- ``fused`` (2-D, CUDA, with the ``gpu`` extra, Triton): kernels that mix each sample's
-  kernel tile where the convolution consumes it, so the per-sample weights are never
-  written (:mod:`dyconv_teach.kernels.triton_conv`).
+- ``fused`` (2-D): kernels that mix each sample's kernel tile where the convolution consumes it,
+  so the per-sample weights are never written: on a CPU in C, compiled at first use where a C
+  compiler is found (:mod:`dyconv_teach.kernels.cpu_conv`), on CUDA in Triton, with the ``gpu``
+  extra (:mod:`dyconv_teach.kernels.triton_conv`).
 
 :func:`choose` is the dispatch rule, per device, from measurements.
 """
@@ -31,18 +32,21 @@ from __future__ import annotations
 import importlib.util
 import statistics
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._utils import balanced_orders, memory_format, output_shape
+from .kernels import cpu_conv
 
 __all__ = [
     "Strategy",
     "STRATEGIES",
     "choose",
+    "runs",
+    "eager",
     "benchmark",
     "mix",
     "batch_as_groups_conv",
@@ -234,17 +238,27 @@ def per_sample(
     return like_input(torch.cat(outs), x)
 
 
+def _fused_kernels(x: Tensor) -> Any:
+    """The fused kernels for ``x``'s device: C for a CPU, Triton for CUDA (imported on first use)."""
+    if x.device.type == "cpu":
+        from .kernels import cpu_conv
+
+        return cpu_conv
+    from .kernels import triton_conv  # Triton is an optional extra
+
+    return triton_conv
+
+
 class _Fused(torch.autograd.Function):
-    """The fused Triton kernels of :mod:`dyconv_teach.kernels.triton_conv` as one autograd node."""
+    """The fused kernels of :mod:`dyconv_teach.kernels` as one autograd node."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints,
         dilation: Ints, groups: int,
     ) -> Tensor:
-        from .kernels import triton_conv  # Triton is an optional extra, imported on first use
-
-        return triton_conv.fused_forward(x, weight, attention, bias, stride, padding, dilation, groups)  # type: ignore[arg-type]
+        out = _fused_kernels(x).fused_forward(x, weight, attention, bias, stride, padding, dilation, groups)
+        return like_input(out, x)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def, override]
@@ -254,11 +268,17 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
-        from .kernels import triton_conv
-
         x, weight, attention, bias = ctx.saved_tensors
         mask = [bool(n) for n in ctx.needs_input_grad[:4]]
-        grads = triton_conv.fused_backward(grad, x, weight, attention, bias, *ctx.conv, mask)
+        if torch.is_grad_enabled():
+            # A gradient that will be differentiated again (create_graph=True): the kernels'
+            # gradients are not differentiable, batch-as-groups' are, and equal.
+            inputs = [t for t, m in zip((x, weight, attention, bias), mask) if m]
+            out = batch_as_groups(x, weight, attention, bias, *ctx.conv)
+            found = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
+            grads = [next(found) if m else None for m in mask]
+        else:
+            grads = _fused_kernels(x).fused_backward(grad, x, weight, attention, bias, *ctx.conv, mask)
         return (*grads, None, None, None, None)
 
 
@@ -266,9 +286,10 @@ def fused(
     x: Tensor, weight: Tensor, attention: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints,
     dilation: Ints, groups: int,
 ) -> Tensor:
-    """An implicit GEMM that mixes each sample's kernel tile on the fly and never writes the
-    per-sample weights, forward and backward (2-D; CUDA, or CPU tensors under Triton's
-    interpreter): :func:`dyconv_teach.kernels.triton_conv.fused_forward` and ``fused_backward``."""
+    """Convolution as a GEMM that mixes each sample's kernel tile where it is consumed and never
+    writes the per-sample weights, forward and backward (2-D): on a CPU the C kernels of
+    :mod:`dyconv_teach.kernels.cpu_conv` (float32, float64; compiled at first use), on CUDA the
+    Triton kernels of :mod:`dyconv_teach.kernels.triton_conv` (the ``gpu`` extra)."""
     return _Fused.apply(x, weight, attention, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
@@ -284,15 +305,17 @@ class Strategy(NamedTuple):
     dims: Tuple[int, ...] = (1, 2, 3)
 
 
-#: Every strategy the core can run, by name (``fused`` where Triton is installed).
+#: Every strategy the core can run, by name (``fused`` on a CPU where a C compiler is found, on
+#: CUDA where Triton is installed).
 STRATEGIES: Dict[str, Strategy] = {
     "batch_as_groups": Strategy(batch_as_groups),
     "kernel_branches": Strategy(kernel_branches),
     "per_sample": Strategy(per_sample),
 }
-if importlib.util.find_spec("triton") is not None:
-    # On CPU tensors the kernels run only under Triton's interpreter, for tests and teaching.
-    STRATEGIES["fused"] = Strategy(fused, devices=("cuda",), dims=(2,))
+_FUSED_DEVICES = tuple(device for device, built in (("cpu", cpu_conv.compiler() is not None),
+                                                    ("cuda", importlib.util.find_spec("triton") is not None)) if built)
+if _FUSED_DEVICES:
+    STRATEGIES["fused"] = Strategy(fused, devices=_FUSED_DEVICES, dims=(2,))
 
 
 def mixed_weight_bytes(batch: int, weight: Tensor) -> int:
@@ -312,10 +335,27 @@ _K_BRANCH_RULE: Dict[str, Tuple[int, int]] = {
 }
 
 
-def choose(device_type: str, batch: int, weight: Tensor, out_shape: Sequence[int]) -> str:
+def runs(name: str, x: Tensor) -> bool:
+    """Whether the strategy ``name`` runs on ``x``'s device, number of dimensions and dtype."""
+    s = STRATEGIES[name]
+    if x.device.type not in s.devices or x.dim() - 2 not in s.dims:
+        return False
+    return name != "fused" or x.device.type != "cpu" or x.dtype in cpu_conv.DTYPES
+
+
+def eager() -> bool:
+    """Whether no compiler, tracer, ``torch.func`` transform or torch mode (a FLOP counter, a
+    ``with torch.device(...)`` block) is watching the call: the fused kernels are opaque to all
+    of them, so ``'auto'`` and ``'benchmark'`` pick them only here."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+                or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled())
+
+
+def choose(device_type: str, batch: int, weight: Tensor, out_shape: Sequence[int], fused: bool = False) -> str:
     """The strategy :func:`~dyconv_teach.functional.dynamic_conv2d` runs on ``device_type``
     for ``batch`` samples, the bank ``weight`` ``[K, O, C/g, *kernel]`` and an output of
-    spatial size ``out_shape``."""
+    spatial size ``out_shape``; ``fused``: whether the fused kernels can run the call (on a
+    CPU they are chosen where the K-branch sum would be, and measured faster there)."""
     big, work = _K_BRANCH_RULE.get(device_type, _K_BRANCH_RULE["cpu"])
     K = weight.shape[0]
     pixels = 1
@@ -323,7 +363,7 @@ def choose(device_type: str, batch: int, weight: Tensor, out_shape: Sequence[int
         pixels *= n
     # The shape test first: under torch.compile the batch is symbolic, and each test of it is a guard.
     if (K - 1) * pixels <= work and mixed_weight_bytes(batch, weight) > big:
-        return "kernel_branches"
+        return "fused" if fused and device_type == "cpu" else "kernel_branches"
     return "batch_as_groups"
 
 
@@ -344,13 +384,12 @@ def benchmark(
     The first call of a shape therefore costs a few forward and backward passes per strategy;
     later calls only a dictionary lookup.
     """
-    dims = x.dim() - 2
     tensors = [x, weight, attention, bias]
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     key = (x.device, x.dtype, tuple(x.shape), memory_format(x), tuple(weight.shape), bias is not None,
            tuple(stride), tuple(padding), tuple(dilation), groups, grad, torch.get_num_threads())
     if key not in _BENCHMARKED:
-        names = [n for n, s in STRATEGIES.items() if x.device.type in s.devices and dims in s.dims]
+        names = [n for n in STRATEGIES if runs(n, x)]
         copies = [None if t is None else t.detach().requires_grad_(grad and t.requires_grad) for t in tensors]
         leaves = [t for t in copies if t is not None and t.requires_grad]
 

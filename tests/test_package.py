@@ -22,7 +22,7 @@ API_PAGE = ROOT / "_build" / "html" / "book" / "api.html"
 #: The layer's modules, what ``pip install .`` needs, and the book's helpers.
 LAYER_MODULES = ["dyconv_teach", "dyconv_teach.functional", "dyconv_teach.layers", "dyconv_teach.odconv",
                  "dyconv_teach.strategies", "dyconv_teach.reference", "dyconv_teach.flops", "dyconv_teach.bench"]
-KERNEL_MODULES = ["dyconv_teach.kernels.triton_conv"]
+KERNEL_MODULES = ["dyconv_teach.kernels.cpu_conv", "dyconv_teach.kernels.triton_conv"]
 BOOK_MODULES = ["dyconv_teach.teaching.shapes", "dyconv_teach.teaching.explain", "dyconv_teach.teaching.checker",
                 "dyconv_teach.teaching.family", "dyconv_teach.teaching.plots", "dyconv_teach.teaching.explorer",
                 "dyconv_teach.teaching.widgets"]
@@ -104,6 +104,7 @@ def test_the_wheel_holds_both_products(tmp_path: Path) -> None:
     for module in LAYER_MODULES + KERNEL_MODULES + BOOK_MODULES:
         path = module.replace(".", "/") + (".py" if "." in module else "/__init__.py")
         assert path in names, path
+    assert "dyconv_teach/kernels/cpu_conv.c" in names  # the fused CPU kernels' source, compiled at first use
     assert any(n.endswith("licenses/LICENSE") for n in names), sorted(names)
 
 

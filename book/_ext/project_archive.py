@@ -22,14 +22,19 @@ FOLDER = "dyconv-book"
 FILES = ["README.md", "LICENSE", "pyproject.toml", "requirements.txt", "_config.yml", "_toc.yml", ".ci/run",
          ".gitignore"]
 # book/data holds the measurements chapters 8 and 10 read; tools/gpu_check.py re-measures them.
-PATTERNS = ["book/**/*", "dyconv_teach/**/*.py", "tests/*", "tools/*.py", ".github/workflows/*.yml"]
+PATTERNS = ["book/**/*", "dyconv_teach/**/*.py", "dyconv_teach/**/*.c", "tests/*", "tools/*.py",
+            ".github/workflows/*.yml"]
 # What a build or a run leaves beside the sources.
 SKIP = {"__pycache__", ".ipynb_checkpoints", ".pytest_cache"}
 HOW_TO_RUN = """\
 # How to run the book's chapters
 
-You need Python 3.11 (the book is built and tested with it) and pip. In a
-terminal, in this folder:
+You need Python 3.11 (the book is built and tested with it), pip, and a C
+compiler (gcc or clang; on macOS, Xcode's command line tools): the package
+builds its fused CPU kernels with it the first time they run, and
+`torch.compile` needs one too. Without one the layer runs its other
+strategies, and the lists of strategies chapters 6 and 8 print are shorter.
+In a terminal, in this folder:
 
 ```bash
 python3 -m venv .venv            # a virtual environment for the book

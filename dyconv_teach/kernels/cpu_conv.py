@@ -2,11 +2,12 @@ r"""Fused dynamic convolution on a CPU: the per-sample kernels are never written
 
 The same idea as :mod:`dyconv_teach.kernels.triton_conv`, in C (``cpu_conv.c`` beside this
 file) for a CPU's vector units. Each of the three products of a 2-D dynamic convolution is a
-GEMM over the im2col rows of one sample,
+GEMM over the im2col rows of one sample (the output; the input gradient, then col2im; the
+weight gradient of sample ``b``)::
 
-    out_b[p, o]  = sum_r cols_b[p, r] * mixed_b[r, o]          (the output)
-    dcols_b[p, r] = sum_o grad_b[p, o] * mixed_b[o, r]         (the input gradient, then col2im)
-    G_b[o, r]    = sum_p grad_b[p, o] * cols_b[p, r]           (the weight gradient of sample b)
+    out_b[p, o]   = sum_r cols_b[p, r] * mixed_b[r, o]
+    dcols_b[p, r] = sum_o grad_b[p, o] * mixed_b[o, r]
+    G_b[o, r]     = sum_p grad_b[p, o] * cols_b[p, r]
 
 and each mixes ``mixed_b = sum_j pi[b, j] * Theta_j`` one cache-sized tile at a time, just
 before the tile is used, so the ``B`` per-sample kernels that batch-as-groups writes

@@ -239,10 +239,9 @@ def per_sample(
 
 
 def _fused_kernels(x: Tensor) -> Any:
-    """The fused kernels for ``x``'s device: C for a CPU, Triton for CUDA (imported on first use)."""
+    """The fused kernels for ``x``'s device: C for a CPU, Triton for CUDA (the ``gpu`` extra,
+    imported on first use)."""
     if x.device.type == "cpu":
-        from .kernels import cpu_conv
-
         return cpu_conv
     from .kernels import triton_conv  # Triton is an optional extra
 

@@ -39,6 +39,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .._utils import output_shape
+
 __all__ = ["compiler", "library", "fused_forward", "fused_backward", "DTYPES"]
 
 SOURCE = Path(__file__).with_name("cpu_conv.c")
@@ -112,14 +114,15 @@ class _Conv:
     def __init__(self, x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair, groups: int) -> None:
         self.B, self.C, self.H, self.W = x.shape
         self.K, self.O, self.CG, self.KH, self.KW = weight.shape
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.OH = (self.H + 2 * padding[0] - dilation[0] * (self.KH - 1) - 1) // stride[0] + 1
-        self.OW = (self.W + 2 * padding[1] - dilation[1] * (self.KW - 1) - 1) // stride[1] + 1
-        self.P, self.R, self.OG = self.OH * self.OW, self.CG * self.KH * self.KW, self.O // groups
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.OH, self.OW = output_shape(x.shape[2:], weight, stride, padding, dilation)
+        self.P, self.OG = self.OH * self.OW, self.O // groups
+        # The reduction length of one group's product, and of all groups' (an im2col row).
+        self.R, self.RT = self.CG * self.KH * self.KW, self.C * self.KH * self.KW
 
     def cols(self, x: Tensor) -> Tensor:
         """im2col: ``[B, P, C*kH*kW]``, row ``p`` the receptive field of output pixel ``p``."""
-        cols = x.new_empty(self.B, self.P, self.C * self.KH * self.KW)
+        cols = x.new_empty(self.B, self.P, self.RT)
         _call(x.dtype, "dyconv_im2col", [x.permute(0, 2, 3, 1).contiguous(), cols], *self._geometry(), 1)
         return cols
 
@@ -155,9 +158,8 @@ def fused_forward(
     s = _Conv(x, weight, stride, padding, dilation, groups)
     out = x.new_empty(s.B, s.P, s.O)
     bank_t = weight.reshape(s.K, s.O, s.R).transpose(1, 2).contiguous()  # [K, R, O]: o innermost
-    Rt = s.C * s.KH * s.KW
     _call(x.dtype, "dyconv_mixgemm", [s.cols(x), bank_t, attention.contiguous(), out],
-          s.B, s.K, s.R, s.OG, s.P, groups, s.P * Rt, Rt, s.R * s.O, s.O, s.OG, s.P * s.O, s.O)
+          s.B, s.K, s.R, s.OG, s.P, groups, s.P * s.RT, s.RT, s.R * s.O, s.O, s.OG, s.P * s.O, s.O)
     out = out.view(s.B, s.OH, s.OW, s.O).permute(0, 3, 1, 2)
     return out if bias is None else out + (attention @ bias)[:, :, None, None]
 
@@ -175,17 +177,16 @@ def fused_backward(
     grad = grad_out.permute(0, 2, 3, 1).contiguous()  # [B, H', W', O]: o innermost
     pi = attention.contiguous()
     bank = weight.contiguous()
-    Rt = s.C * s.KH * s.KW
     grad_x = grad_bank = grad_pi = grad_bias = None
     if need_x:
-        cols = x.new_empty(s.B, s.P, Rt)
+        cols = x.new_empty(s.B, s.P, s.RT)
         _call(x.dtype, "dyconv_mixgemm", [grad, bank, pi, cols],
-              s.B, s.K, s.OG, s.R, s.P, groups, s.P * s.O, s.O, s.O * s.R, s.R, s.OG * s.R, s.P * Rt, Rt)
+              s.B, s.K, s.OG, s.R, s.P, groups, s.P * s.O, s.O, s.O * s.R, s.R, s.OG * s.R, s.P * s.RT, s.RT)
         grad_x = s.image(cols)
     if need_bank or need_pi:
         grad_bank, grad_pi = torch.empty_like(bank), x.new_empty(s.B, s.K)
         _call(x.dtype, "dyconv_weightgrad", [grad, s.cols(x), bank, pi, grad_bank, grad_pi],
-              s.B, s.K, s.OG, s.R, s.P, groups, s.P * s.O, s.O, s.P * Rt, Rt)
+              s.B, s.K, s.OG, s.R, s.P, groups, s.P * s.O, s.O, s.P * s.RT, s.RT)
     if bias is not None and (need_pi or need_bias):
         grad_sum = grad_out.sum(dim=(2, 3))  # [B, O]
         if need_pi:
